@@ -1,0 +1,214 @@
+"""Streaming loader: shards -> uint8 batches, split across ranks and workers, equal and resumable.
+
+How an epoch is planned (a pure function of seed, epoch, world size and worker count):
+
+1. The chunks of every shard (``chunk_size`` images each, see shards.py) are permuted with
+   ``rng(seed, epoch)`` and laid end to end: one sequence of all N images.
+2. The sequence is cut into ``S = world_size * num_workers`` equal *slots* of ``L = N // (S * B) * B``
+   images (B = batch size per rank). Rank r reads slots ``r*W .. r*W + W-1``, one per loader worker.
+   The last ``N - S*L`` images of the sequence (fewer than ``S*B``) are left out this epoch; the
+   permutation changes them every epoch. When N is a multiple of S*B every image is seen exactly once.
+3. A slot is read in *windows* of ``k*B`` images (``k = shuffle_window // B``); each window is
+   gathered from the ~``shuffle_window / chunk_size`` chunks it overlaps (random places in the dataset)
+   and permuted with ``rng(seed, epoch, slot, window)``; batches are consecutive slices of it.
+
+So every rank yields exactly ``W * L / B`` batches per epoch, whatever the shard count (fewer shards
+than ranks x workers included), and batch ``g`` of a rank is determined by ``(seed, g)``: a run
+restarted at batch ``g`` continues with the very batch it would have seen (``start_batch``).
+
+The DataLoader round-robins over its workers and its workers never end, so batch ``g`` always comes
+from worker ``g % W``; on a restart at ``g0`` worker ``k`` serves logical slot ``(k + g0) % W``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..errors import UserError
+from .shards import load_manifest, read_chunk
+
+log = logging.getLogger(__name__)
+
+
+class _ShardStream(IterableDataset):
+    """The per-worker producer. Yields ``(images, labels, first_batch_index, corrupt_chunks)`` forever;
+    ``images`` holds n consecutive batches of its slot, i.e. rank batches g, g+W, ..., g+(n-1)W."""
+
+    def __init__(self, root: Path, manifest: dict, batch_size: int, rank: int, world_size: int,
+                 num_slots: int, seed: int, shuffle_window: int, start_batch: int) -> None:
+        self.root = root
+        self.shape = (manifest["resolution"], manifest["resolution"], manifest["channels"])
+        self.chunks = [(s["name"], c) for s in manifest["shards"] for c in s["chunks"]]
+        self.sizes = np.array([c["n"] for _, c in self.chunks], dtype=np.int64)
+        n = int(self.sizes.sum())
+        self.B, self.rank, self.W, self.seed = batch_size, rank, num_slots, seed
+        self.batches_per_slot = n // (world_size * num_slots * batch_size)
+        self.slot_len = self.batches_per_slot * batch_size
+        self.window_batches = max(1, shuffle_window // batch_size)
+        self.start_batch = start_batch
+        self.group = max(1, 512 // batch_size)
+        self._files: OrderedDict = OrderedDict()
+        self._warned: set = set()
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.batches_per_slot * self.W
+
+    def __iter__(self):
+        info = get_worker_info()
+        k = info.id if info is not None else 0
+        if info is not None:
+            torch.set_num_threads(1)
+        j = (k + self.start_batch) % self.W            # the logical slot this worker serves
+        g = self.start_batch + (j - self.start_batch) % self.W
+        cached_key, window, corrupt = None, None, 0
+        while True:
+            epoch, i = divmod(g, self.batches_per_epoch)
+            t = i // self.W                               # batch index within the slot
+            w, b = divmod(t, self.window_batches)
+            if (epoch, w) != cached_key:
+                window, corrupt = self._load_window(epoch, self.rank * self.W + j, w)
+                cached_key = (epoch, w)
+            # Ship up to `group` consecutive batches of this slot at once (one contiguous slice of the
+            # window): IPC costs per message, and one batch per message caps a worker near 20k img/s.
+            n = min(self.group, self.window_batches - b, self.batches_per_slot - t)
+            x = torch.from_numpy(window[0][b * self.B:(b + n) * self.B])
+            y = torch.from_numpy(window[1][b * self.B:(b + n) * self.B])
+            yield x, y, g, corrupt
+            corrupt = 0
+            g += n * self.W
+
+    def _load_window(self, epoch: int, slot: int, w: int):
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.chunks))
+        ends = np.cumsum(self.sizes[order])
+        lo = slot * self.slot_len + w * self.window_batches * self.B
+        hi = min(lo + self.window_batches * self.B, (slot + 1) * self.slot_len)
+        images, labels, bad = [], [], 0
+        first = int(np.searchsorted(ends, lo, side="right"))
+        for pos in range(first, len(order)):
+            start = int(ends[pos] - self.sizes[order[pos]])
+            if start >= hi:
+                break
+            a, z = max(lo, start) - start, min(hi, int(ends[pos])) - start
+            piece = self._read(int(order[pos]))
+            if piece is None:
+                bad += 1
+                images.append(None)
+                labels.append(z - a)
+                continue
+            images.append(piece[0][a:z])
+            labels.append(piece[1][a:z])
+        rng = np.random.default_rng([self.seed, epoch, slot, w])
+        if bad:
+            images, labels = self._fill_corrupt(images, labels, rng)
+        x, y = np.concatenate(images), np.concatenate(labels)
+        perm = rng.permutation(len(x))
+        return (x[perm], y[perm]), bad
+
+    def _fill_corrupt(self, images, labels, rng):
+        """Keep the batch count exact: a corrupt chunk's places are filled with repeats from the window."""
+        good_x = [x for x in images if x is not None]
+        if not good_x:
+            raise RuntimeError(f"{self.root}: every chunk of a loader window is corrupt; "
+                               f"re-create the shards (see the warnings above)")
+        pool_x = np.concatenate(good_x)
+        pool_y = np.concatenate([y for x, y in zip(images, labels) if x is not None])
+        out_x, out_y = [], []
+        for x, y in zip(images, labels):
+            if x is None:
+                pick = rng.integers(0, len(pool_x), size=y)
+                x, y = pool_x[pick], pool_y[pick]
+            out_x.append(x)
+            out_y.append(y)
+        return out_x, out_y
+
+    def _read(self, index: int):
+        name, chunk = self.chunks[index]
+        f = self._files.pop(name, None) or open(self.root / name, "rb")
+        self._files[name] = f
+        if len(self._files) > 32:                        # bound open files per worker
+            self._files.popitem(last=False)[1].close()
+        try:
+            return read_chunk(f, chunk, self.shape)
+        except (ValueError, OSError) as e:
+            if (name, chunk["key"]) not in self._warned:
+                self._warned.add((name, chunk["key"]))
+                log.warning("skipping corrupt chunk %s in %s (%d images): %s", chunk["key"],
+                            self.root / name, chunk["n"], e)
+            return None
+
+
+class ShardLoader:
+    """Infinite iterator of ``(uint8 images B x H x W x C, int64 labels B)`` for one rank.
+
+    Not meant for ``accelerator.prepare`` (which would dispatch or re-shard it): move batches to
+    the device with :func:`to_device`. ``state_dict()`` is the number of batches consumed; a loader
+    built with ``start_batch`` equal to it continues exactly there.
+    """
+
+    def __init__(self, root: str | Path, batch_size: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 2, seed: int = 0, shuffle_window: int = 4096, start_batch: int = 0,
+                 verify: str = "size", resolution: int | None = None, channels: int | None = None,
+                 pin_memory: bool = False, prefetch_factor: int = 4) -> None:
+        self.root = Path(root)
+        self.manifest = load_manifest(self.root, verify, resolution, channels)
+        if batch_size < 1 or num_workers < 0:
+            raise UserError(f"batch size must be >= 1 and workers >= 0 (got {batch_size}, {num_workers})")
+        self.num_slots = max(1, num_workers)
+        self.stream = _ShardStream(self.root, self.manifest, batch_size, rank, world_size, self.num_slots,
+                                   seed, shuffle_window, start_batch)
+        if self.stream.batches_per_slot == 0:
+            raise UserError(f"{self.root}: {self.manifest['num_images']} images cannot fill one batch of "
+                            f"{batch_size} for each of {world_size} ranks x {self.num_slots} loader workers; "
+                            f"lower the batch size or the number of workers")
+        self.batches = start_batch
+        self.corrupt_chunks = 0
+        self._dl = DataLoader(self.stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                              prefetch_factor=prefetch_factor if num_workers else None,
+                              persistent_workers=False)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches each rank yields per epoch (identical on every rank)."""
+        return self.stream.batches_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self.batches // self.batches_per_epoch
+
+    @property
+    def images_per_epoch(self) -> int:
+        return self.batches_per_epoch * self.stream.B
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches}
+
+    def __iter__(self):
+        B, W = self.stream.B, self.num_slots
+        pending: dict = {}                 # batch index -> batch, to restore the global order
+        for x, y, g, corrupt in self._dl:
+            self.corrupt_chunks += corrupt
+            for i in range(len(x) // B):
+                pending[g + i * W] = (x[i * B:(i + 1) * B], y[i * B:(i + 1) * B])
+            if len(pending) > 4 * W * self.stream.group:
+                raise RuntimeError(f"loader out of order: waiting for batch {self.batches}")
+            while self.batches in pending:
+                batch = pending.pop(self.batches)
+                self.batches += 1
+                yield batch
+
+
+def to_device(images: torch.Tensor, device: torch.device | str, channels_last: bool = True) -> torch.Tensor:
+    """uint8 B x H x W x C -> float B x C x H x W in [-1, 1], converted on the device.
+
+    The permute of an NHWC tensor *is* channels_last memory; ``contiguous()`` gives plain NCHW.
+    """
+    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2)
+    x = x.float().mul_(2.0 / 255.0).sub_(1.0)
+    return x if channels_last else x.contiguous()

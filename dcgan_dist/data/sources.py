@@ -1,0 +1,364 @@
+"""Readers for the public dataset formats. Each source lists items cheaply; decoding happens in workers.
+
+An item is ``(key, payload, label)``: ``key`` a string that names the image in the source (for error
+messages and the manifest), ``payload`` an ``np.ndarray`` (already decoded pixels), ``bytes`` (an
+encoded image) or a ``Path`` (an image file), ``label`` an int.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+import random
+import struct
+import tarfile
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+
+from ..errors import UserError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+class Item(NamedTuple):
+    key: str
+    payload: object
+    label: int
+
+
+class Source:
+    """A public dataset: class names, per-item labels when known up front, and an item iterator."""
+
+    name: str = ""
+    default_channels: int = 3
+    class_names: list[str] | None = None
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def labels(self) -> np.ndarray | None:
+        """All labels in item order, or None when unknown without decoding (lsun)."""
+        return None
+
+    def items(self) -> Iterator[Item]:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------- digits
+class DigitsSource(Source):
+    """The 1,797 8x8 handwritten digits that ship inside scikit-learn: no download, no --input."""
+
+    name = "digits"
+    default_channels = 1
+    class_names = [str(i) for i in range(10)]
+
+    def __init__(self) -> None:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        # Values are 0..16 ink counts; stretch to 0..255 grey levels.
+        self.images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)
+        self.targets = d.target.astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def labels(self) -> np.ndarray:
+        return self.targets
+
+    def items(self) -> Iterator[Item]:
+        for i, (img, y) in enumerate(zip(self.images, self.targets)):
+            yield Item(f"digits:{i}", img, int(y))
+
+
+# -------------------------------------------------------------------------------------------- cifar10
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """CIFAR10's public format is a pickle; allow only what its arrays need, never arbitrary objects."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),  # how Python 3 writes bytes into a protocol-2 pickle
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR10 batch file")
+        return super().find_class(module, name)
+
+
+def _load_cifar_pickle(data: bytes, where: str) -> dict:
+    try:
+        obj = _NumpyOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except Exception as e:  # noqa: BLE001 - any failure here means the file is not a CIFAR batch
+        raise UserError(f"{where}: not a CIFAR10 python batch file ({e})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: not a CIFAR10 python batch file (top level is {type(obj).__name__})")
+    # Python 2 pickles loaded with encoding="bytes" have bytes keys; Python 3 ones have str keys.
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
+
+
+class Cifar10Source(Source):
+    """CIFAR10 python version: ``cifar-10-python.tar.gz`` or its extracted ``cifar-10-batches-py/``."""
+
+    name = "cifar10"
+    default_channels = 3
+
+    def __init__(self, path: Path, split: str = "train", download: bool = False) -> None:
+        if download:
+            path = _download_torchvision("CIFAR10", path)
+        files = _cifar_files(path)
+        batch_names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        for name in ["batches.meta", *batch_names]:
+            if name not in files:
+                raise UserError(f"{path}: no cifar-10-batches-py/{name}; expected the python-version "
+                                f"archive cifar-10-python.tar.gz or its extracted folder")
+        meta = _load_cifar_pickle(files["batches.meta"](), f"{path}:batches.meta")
+        self.class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta["label_names"]]
+        images, labels, keys = [], [], []
+        for name in batch_names:
+            b = _load_cifar_pickle(files[name](), f"{path}:{name}")
+            data = np.asarray(b["data"], dtype=np.uint8)
+            if data.ndim != 2 or data.shape[1] != 3072:
+                raise UserError(f"{path}:{name}: data has shape {data.shape}, expected N x 3072")
+            # Rows are row-major CHW (1024 red, 1024 green, 1024 blue); store HWC.
+            images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            labels.append(np.asarray(b["labels"], dtype=np.int64))
+            keys += [f"{name}:{i}" for i in range(len(data))]
+        self.images = np.concatenate(images)
+        self.targets = np.concatenate(labels)
+        self.keys = keys
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def labels(self) -> np.ndarray:
+        return self.targets
+
+    def items(self) -> Iterator[Item]:
+        for key, img, y in zip(self.keys, self.images, self.targets):
+            yield Item(key, img, int(y))
+
+
+def _cifar_files(path: Path) -> dict:
+    """Map batch file name -> loader, from the .tar.gz or from a folder (itself or a parent)."""
+    if path.is_file():
+        try:
+            tar = tarfile.open(path, "r:*")
+        except (tarfile.TarError, OSError) as e:
+            raise UserError(f"{path}: cannot open as a tar archive ({e})") from None
+        members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+        return {name: (lambda m=m: tar.extractfile(m).read()) for name, m in members.items()}
+    folder = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
+    archive = path / "cifar-10-python.tar.gz"
+    if not (folder / "batches.meta").exists() and archive.is_file():
+        return _cifar_files(archive)
+    return {p.name: p.read_bytes for p in folder.iterdir() if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------- mnist
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise UserError(f"{path}: cannot read IDX file ({e})") from None
+    if len(data) < 8 or struct.unpack(">I", data[:4])[0] != magic:
+        raise UserError(f"{path}: not an IDX file with magic number {magic}")
+    ndim = magic & 0xFF
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    body = data[4 + 4 * ndim:]
+    expected = int(np.prod(dims))
+    if len(body) != expected:
+        raise UserError(f"{path}: header says {dims} ({expected} bytes) but the file holds {len(body)}")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+
+
+class MnistSource(Source):
+    """MNIST IDX files (``train-images-idx3-ubyte[.gz]`` and labels; ``t10k-*`` for the test split)."""
+
+    name = "mnist"
+    default_channels = 1
+    class_names = [str(i) for i in range(10)]
+
+    def __init__(self, path: Path, split: str = "train", download: bool = False) -> None:
+        if download:
+            path = _download_torchvision("MNIST", path)
+        prefix = "train" if split == "train" else "t10k"
+        images = _find_idx(path, f"{prefix}-images-idx3-ubyte")
+        labels = _find_idx(path, f"{prefix}-labels-idx1-ubyte")
+        self.images = _read_idx(images, 2051)
+        self.targets = _read_idx(labels, 2049).astype(np.int64)
+        if len(self.images) != len(self.targets):
+            raise UserError(f"{images} holds {len(self.images)} images but {labels} {len(self.targets)} labels")
+        self.prefix = prefix
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def labels(self) -> np.ndarray:
+        return self.targets
+
+    def items(self) -> Iterator[Item]:
+        for i, (img, y) in enumerate(zip(self.images, self.targets)):
+            yield Item(f"{self.prefix}:{i}", img, int(y))
+
+
+def _find_idx(path: Path, stem: str) -> Path:
+    # torchvision's download puts the files under <root>/MNIST/raw/.
+    for folder in (path, path / "raw", path / "MNIST" / "raw"):
+        for name in (stem, stem + ".gz"):
+            if (folder / name).is_file():
+                return folder / name
+    raise UserError(f"{path}: no {stem} or {stem}.gz (looked in it, raw/ and MNIST/raw/)")
+
+
+# ----------------------------------------------------------------------------------------------- lsun
+class LsunSource(Source):
+    """An LSUN lmdb export (e.g. ``bedroom_train_lmdb/``): hex keys, WebP or JPEG values."""
+
+    name = "lsun"
+    default_channels = 3
+
+    def __init__(self, path: Path) -> None:
+        import lmdb
+
+        if not (path / "data.mdb").is_file():
+            raise UserError(f"{path}: no data.mdb; expected an LSUN lmdb folder such as bedroom_train_lmdb/")
+        try:
+            self.env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False,
+                                 max_readers=1)
+        except lmdb.Error as e:
+            raise UserError(f"{path}: cannot open lmdb ({e})") from None
+        self.count = self.env.stat()["entries"]
+        self.class_names = [path.name.split("_")[0]]
+
+    def __len__(self) -> int:
+        return self.count
+
+    def items(self) -> Iterator[Item]:
+        with self.env.begin(write=False, buffers=False) as txn:
+            for key, value in txn.cursor():
+                yield Item(key.decode("ascii", "replace"), value, 0)
+
+
+# --------------------------------------------------------------------------------------------- folder
+class FolderSource(Source):
+    """Image files under a folder, recursively; label = first-level subfolder ('.' for files at the top)."""
+
+    name = "folder"
+    default_channels = 3
+
+    def __init__(self, path: Path, seed: int = 0) -> None:
+        if not path.is_dir():
+            raise UserError(f"{path}: not a folder")
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        groups = [p.relative_to(path).parts[0] if len(p.relative_to(path).parts) > 1 else "." for p in files]
+        self.class_names = sorted(set(groups))
+        index = {name: i for i, name in enumerate(self.class_names)}
+        pairs = [(p, index[g]) for p, g in zip(files, groups)]
+        # Folders are usually grouped by class; a fixed shuffle makes every shard chunk a mixture.
+        random.Random(seed).shuffle(pairs)
+        self.root = path
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def labels(self) -> np.ndarray:
+        return np.array([y for _, y in self.pairs], dtype=np.int64)
+
+    def items(self) -> Iterator[Item]:
+        for p, y in self.pairs:
+            yield Item(str(p.relative_to(self.root)), p, y)
+
+
+# -------------------------------------------------------------------------------------------- helpers
+SOURCES = ("digits", "cifar10", "mnist", "lsun", "folder")
+
+
+def open_source(name: str, path: Path | None, split: str = "train", download: bool = False) -> Source:
+    """Build the reader for ``name``; every mistake (unknown source, bad path) is a UserError."""
+    if name not in SOURCES:
+        raise UserError(f"unknown source {name!r}; choose one of {', '.join(SOURCES)}")
+    if split not in ("train", "test"):
+        raise UserError(f"unknown split {split!r}; choose train or test")
+    if name == "digits":
+        return DigitsSource()
+    if path is None:
+        raise UserError(f"source {name!r} needs --input PATH")
+    if download and name not in ("cifar10", "mnist"):
+        raise UserError(f"--download is only available for cifar10 and mnist, not {name}")
+    if not download and not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    if name == "cifar10":
+        return Cifar10Source(path, split, download)
+    if name == "mnist":
+        return MnistSource(path, split, download)
+    if name == "lsun":
+        return LsunSource(path)
+    return FolderSource(path)
+
+
+def parse_classes(spec: str | None, class_names: list[str] | None) -> list[int] | None:
+    """``"cat"`` or ``"3,5"`` -> sorted class indices, checked against the source's class names."""
+    if not spec:
+        return None
+    if not class_names:
+        raise UserError("--classes: this source has no classes to choose from")
+    chosen = set()
+    for token in (t.strip() for t in spec.split(",") if t.strip()):
+        if token in class_names:
+            chosen.add(class_names.index(token))
+        elif token.isdigit() and int(token) < len(class_names):
+            chosen.add(int(token))
+        else:
+            raise UserError(f"--classes: unknown class {token!r}; valid: {', '.join(class_names)} "
+                            f"or indices 0-{len(class_names) - 1}")
+    return sorted(chosen)
+
+
+def _download_torchvision(dataset: str, root: Path) -> Path:
+    import torchvision.datasets as tvd
+
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        getattr(tvd, dataset)(str(root), download=True)
+    except Exception as e:  # noqa: BLE001 - network errors come in many types
+        raise UserError(f"downloading {dataset} into {root} failed ({e.__class__.__name__}: {e}); "
+                        f"without internet, copy the public files there and drop --download") from None
+    return root
+
+
+def decode_image(payload: object, resolution: int, channels: int) -> np.ndarray:
+    """Decode, center-crop to a square and resize once (antialiased) -> uint8 H x W x C.
+
+    Pixels already at the target size are copied exactly. Raises on a corrupt image.
+    """
+    from PIL import Image
+
+    if isinstance(payload, np.ndarray):
+        arr = payload if payload.ndim == 3 else payload[:, :, None]
+        if arr.shape == (resolution, resolution, channels):
+            return np.ascontiguousarray(arr)
+        img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+    else:
+        img = Image.open(io.BytesIO(payload) if isinstance(payload, (bytes, bytearray)) else payload)
+        # JPEG can decode at 1/2, 1/4, 1/8 scale for free; draft keeps the result >= the target size.
+        img.draft("L" if channels == 1 else "RGB", (resolution, resolution))
+        img.load()
+    img = img.convert("L" if channels == 1 else "RGB")
+    w, h = img.size
+    side = min(w, h)
+    if w != h:
+        left, top = (w - side) // 2, (h - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+    if side != resolution:
+        img = img.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[:, :, None] if channels == 1 else arr

@@ -1,0 +1,123 @@
+"""Small files in the exact public formats (CIFAR10 python pickles, MNIST IDX, LSUN lmdb), for tests
+and benchmarks on machines that cannot download the real datasets."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+import struct
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def photo_like(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A smooth random colour field with mild noise: compresses like a photo, unlike pure noise."""
+    from PIL import Image
+
+    base = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(base).resize((w, h), Image.Resampling.BICUBIC), dtype=np.int16)
+    img = img + rng.integers(-12, 13, size=img.shape, dtype=np.int16)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_cifar10(root: Path, n_per_batch: int = 20, seed: int = 0, as_archive: bool = True) -> Path:
+    """``cifar-10-python.tar.gz`` (or the extracted ``cifar-10-batches-py/``) with Python-2-style pickles:
+    bytes keys, ``data`` uint8 N x 3072 row-major CHW, ``labels`` a list. Returns the archive or folder."""
+    rng = np.random.default_rng(seed)
+    files = {"batches.meta": {b"label_names": [c.encode() for c in CIFAR_CLASSES], b"num_cases_per_batch": n_per_batch}}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, size=(n_per_batch, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, size=n_per_batch)]
+        files[name] = {b"batch_label": name.encode(), b"labels": labels, b"data": data,
+                       b"filenames": [f"img_{i}.png".encode() for i in range(n_per_batch)]}
+    root.mkdir(parents=True, exist_ok=True)
+    if not as_archive:
+        folder = root / "cifar-10-batches-py"
+        folder.mkdir(exist_ok=True)
+        for name, obj in files.items():
+            (folder / name).write_bytes(pickle.dumps(obj, protocol=2))
+        return folder
+    path = root / "cifar-10-python.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, obj in files.items():
+            blob = pickle.dumps(obj, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return path
+
+
+def write_mnist(root: Path, n: int = 50, split: str = "train", seed: int = 0, gz: bool = True) -> Path:
+    """``{train,t10k}-images-idx3-ubyte[.gz]`` (magic 2051) and ``-labels-idx1-ubyte[.gz]`` (magic 2049)."""
+    rng = np.random.default_rng(seed)
+    prefix = "train" if split == "train" else "t10k"
+    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+    root.mkdir(parents=True, exist_ok=True)
+    opener = gzip.open if gz else open
+    ext = ".gz" if gz else ""
+    with opener(root / f"{prefix}-images-idx3-ubyte{ext}", "wb") as f:
+        f.write(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+    with opener(root / f"{prefix}-labels-idx1-ubyte{ext}", "wb") as f:
+        f.write(struct.pack(">II", 2049, n) + labels.tobytes())
+    return root
+
+
+def write_lsun(path: Path, n: int = 20, seed: int = 0, fmt: str = "WEBP", corrupt: int = 0) -> Path:
+    """An LSUN-style lmdb: hex keys, WebP (or JPEG) values with shorter side 256. The first ``corrupt``
+    values are damaged (truncated, or not an image)."""
+    import hashlib
+
+    import lmdb
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    env = lmdb.open(str(path), map_size=1 << 34)
+    with env.begin(write=True) as txn:
+        for i in range(n):
+            h, w = (256, int(rng.integers(256, 400))) if i % 2 else (int(rng.integers(256, 400)), 256)
+            buf = io.BytesIO()
+            Image.fromarray(photo_like(rng, h, w)).save(buf, format=fmt, quality=75)
+            value = buf.getvalue()
+            if i < corrupt:
+                value = value[: len(value) // 3] if i % 2 == 0 else b"not an image at all"
+            txn.put(hashlib.sha1(f"{seed}-{i}".encode()).hexdigest().encode(), value)
+    env.close()
+    return path
+
+
+def write_indexed_shards(out: Path, n: int, resolution: int = 32, channels: int = 3, shard_size: int = 64,
+                         chunk_size: int = 16, seed: int = 0) -> dict:
+    """Shards of random images whose label is their index and whose first row encodes it
+    (``image_index``), for checking loader coverage and order. Returns the manifest."""
+    from .shards import FORMAT, MANIFEST, shard_name, write_json_atomic, write_shard
+
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for s, lo in enumerate(range(0, n, shard_size)):
+        chunks = []
+        for c, a in enumerate(range(lo, min(lo + shard_size, n), chunk_size)):
+            idx = np.arange(a, min(a + chunk_size, lo + shard_size, n))
+            images = rng.integers(0, 256, size=(len(idx), resolution, resolution, channels), dtype=np.uint8)
+            for k in range(3):
+                images[:, 0, k, 0] = (idx >> (8 * k)) & 0xFF
+            chunks.append((f"{s:06d}_{c:04d}", images, idx.astype(np.int64), [f"synthetic:{i}" for i in idx]))
+        shards.append(write_shard(out / shard_name(s), chunks))
+    manifest = {"format": FORMAT, "source": "synthetic", "resolution": resolution, "channels": channels,
+                "num_images": n, "class_names": None, "chunk_size": chunk_size, "shard_size": shard_size,
+                "skipped": {"count": 0, "items": []}, "shards": shards}
+    write_json_atomic(out / MANIFEST, manifest)
+    return manifest
+
+
+def image_index(images: np.ndarray) -> np.ndarray:
+    """Invert ``write_indexed_shards``'s encoding: B x H x W x C uint8 -> B indices."""
+    px = images[:, 0, :3, 0].astype(np.int64)
+    return px[:, 0] | (px[:, 1] << 8) | (px[:, 2] << 16)

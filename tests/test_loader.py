@@ -1,0 +1,151 @@
+"""The streaming loader: equal batches on every rank, coverage, exact resume, bad shards."""
+
+import itertools
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import accelerate_launch
+from dcgan_dist.data import ShardLoader, load_manifest, to_device
+from dcgan_dist.data.shards import MANIFEST
+from dcgan_dist.data.synthetic import image_index, write_indexed_shards
+from dcgan_dist.errors import UserError
+
+DIST = Path(__file__).parent / "dist" / "loader_ranks.py"
+
+
+def ids(batches):
+    return [image_index(x.numpy()).tolist() for x, _ in batches]
+
+
+def take(loader, n):
+    return list(itertools.islice(loader, n))
+
+
+def test_every_image_once_per_epoch_single_process(tmp_path):
+    write_indexed_shards(tmp_path, 256, shard_size=64, chunk_size=16)
+    loader = ShardLoader(tmp_path, batch_size=16, num_workers=2, seed=3)
+    assert loader.batches_per_epoch == 16
+    batches = ids(take(loader, 32))
+    for epoch in (batches[:16], batches[16:]):
+        assert sorted(sum(epoch, [])) == list(range(256))
+    assert batches[:16] != batches[16:]                          # reshuffled each epoch
+    assert loader.epoch == 2 and loader.state_dict() == {"batches": 32}
+
+
+def test_labels_travel_with_their_images(tmp_path):
+    write_indexed_shards(tmp_path, 100, shard_size=30, chunk_size=7)
+    for x, y in take(ShardLoader(tmp_path, batch_size=8, num_workers=1), 20):
+        assert image_index(x.numpy()).tolist() == y.tolist()
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+@pytest.mark.parametrize("start", [1, 5, 11, 23])
+def test_restart_at_any_batch_continues_exactly(tmp_path, workers, start):
+    write_indexed_shards(tmp_path, 203, shard_size=50, chunk_size=16)       # uneven on purpose
+    full = ids(take(ShardLoader(tmp_path, batch_size=8, num_workers=workers, seed=7, shuffle_window=32), 40))
+    resumed = ShardLoader(tmp_path, batch_size=8, num_workers=workers, seed=7, shuffle_window=32, start_batch=start)
+    assert ids(take(resumed, 40 - start)) == full[start:]
+
+
+def test_same_seed_same_stream_other_seed_other_stream(tmp_path):
+    write_indexed_shards(tmp_path, 128, shard_size=32, chunk_size=8)
+    a = ids(take(ShardLoader(tmp_path, batch_size=8, num_workers=2, seed=1), 16))
+    b = ids(take(ShardLoader(tmp_path, batch_size=8, num_workers=2, seed=1), 16))
+    c = ids(take(ShardLoader(tmp_path, batch_size=8, num_workers=2, seed=2), 16))
+    assert a == b and a != c
+
+
+def test_batches_mix_many_chunks(tmp_path):
+    """With a 4096-image window and 256-image chunks, a batch of 128 draws from many chunks."""
+    write_indexed_shards(tmp_path, 8192, resolution=8, shard_size=2048, chunk_size=256)
+    x, _ = next(iter(ShardLoader(tmp_path, batch_size=128, num_workers=0)))
+    assert len(set((image_index(x.numpy()) // 256).tolist())) >= 10
+
+
+def launch_ranks(shards, out, batch, workers, seed, epochs):
+    accelerate_launch(DIST, shards, out, batch, workers, seed, epochs)
+    return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_two_ranks_two_workers_even_shards_cover_each_image_once(tmp_path):
+    write_indexed_shards(tmp_path / "s", 256, resolution=8, channels=1, shard_size=64, chunk_size=16)
+    ranks = launch_ranks(tmp_path / "s", tmp_path / "a", 16, 2, 0, 2)
+    assert [r["num_processes"] for r in ranks] == [2, 2]
+    assert [r["batches_per_epoch"] for r in ranks] == [8, 8]
+    assert [len(r["batches"]) for r in ranks] == [16, 16]
+    for e in (0, 1):
+        seen = sum((b for r in ranks for b in r["batches"][8 * e:8 * e + 8]), [])
+        assert sorted(seen) == list(range(256))
+    # the same launch again gives the same batches on every rank
+    again = launch_ranks(tmp_path / "s", tmp_path / "b", 16, 2, 0, 1)
+    assert [r["batches"] for r in again] == [r["batches"][:8] for r in ranks]
+
+
+def test_two_ranks_uneven_and_fewer_shards_than_slots(tmp_path):
+    """3 shards of 60/60/23 images for 2 ranks x 2 workers: equal batch counts, few images left out."""
+    write_indexed_shards(tmp_path / "s", 143, resolution=8, channels=1, shard_size=60, chunk_size=16)
+    ranks = launch_ranks(tmp_path / "s", tmp_path / "a", 8, 2, 5, 1)
+    assert [len(r["batches"]) for r in ranks] == [8, 8]         # 143 // (4 slots * 8) = 4 per slot, 2 slots a rank
+    seen = sum((b for r in ranks for b in r["batches"]), [])
+    assert len(seen) == len(set(seen)) == 128                   # no repeats; 15 (< 4*8) left out this epoch
+
+
+def test_too_small_dataset_is_a_clear_error(tmp_path):
+    write_indexed_shards(tmp_path, 20, shard_size=20)
+    with pytest.raises(UserError, match="cannot fill one batch of 16 for each of 2 ranks x 1 loader workers"):
+        ShardLoader(tmp_path, batch_size=16, world_size=2, num_workers=1)
+
+
+def test_missing_truncated_and_mismatched_shards_fail_before_training(tmp_path):
+    write_indexed_shards(tmp_path, 64, shard_size=32)
+    shard = tmp_path / "shard-000001.tar"
+    with pytest.raises(UserError, match="resolution 32 but the run asks for 64"):
+        ShardLoader(tmp_path, batch_size=8, resolution=64)
+    with pytest.raises(UserError, match="channels 3 but the run asks for 1"):
+        ShardLoader(tmp_path, batch_size=8, channels=1)
+    data = shard.read_bytes()
+    flipped = bytearray(data)
+    flipped[-2000] ^= 0xFF
+    shard.write_bytes(bytes(flipped))
+    load_manifest(tmp_path, verify="size")                      # same size: only the hash can tell
+    with pytest.raises(UserError, match="shard-000001.tar: sha256 differs"):
+        ShardLoader(tmp_path, batch_size=8, verify="sha256")
+    shard.write_bytes(data[:5000])
+    with pytest.raises(UserError, match="shard-000001.tar: 5000 bytes, manifest says"):
+        ShardLoader(tmp_path, batch_size=8)
+    shard.unlink()
+    with pytest.raises(UserError, match="shard-000001.tar: shard listed in .* is missing"):
+        ShardLoader(tmp_path, batch_size=8)
+    (tmp_path / MANIFEST).unlink()
+    with pytest.raises(UserError, match="no manifest"):
+        ShardLoader(tmp_path, batch_size=8)
+
+
+def test_corrupt_member_is_skipped_counted_and_named(tmp_path, caplog):
+    m = write_indexed_shards(tmp_path, 64, shard_size=32, chunk_size=16)
+    chunk = m["shards"][1]["chunks"][0]
+    with open(tmp_path / "shard-000001.tar", "r+b") as f:
+        f.seek(chunk["images"][0])
+        f.write(b"garbage!")                                     # destroys the npy header
+    loader = ShardLoader(tmp_path, batch_size=8, num_workers=0, seed=0)
+    with caplog.at_level(logging.WARNING):
+        batches = take(loader, loader.batches_per_epoch)
+    assert len(batches) == 8 and all(len(x) == 8 for x, _ in batches)
+    assert loader.corrupt_chunks == 1
+    assert f"skipping corrupt chunk {chunk['key']} in {tmp_path / 'shard-000001.tar'}" in caplog.text
+    seen = set(sum(ids(batches), []))
+    assert not seen & set(range(32, 48))                         # the corrupt chunk's images never appear
+
+
+def test_to_device_maps_uint8_to_minus_one_one_channels_last():
+    x = torch.tensor([0, 255, 128], dtype=torch.uint8).view(1, 1, 3, 1).expand(2, 4, 3, 3).contiguous()
+    y = to_device(x, "cpu")
+    assert y.shape == (2, 3, 4, 3) and y.dtype == torch.float32
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert y[0, 0, 0].tolist() == pytest.approx([-1.0, 1.0, 128 / 127.5 - 1], abs=1e-6)
+    assert to_device(x, "cpu", channels_last=False).is_contiguous()

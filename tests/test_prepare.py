@@ -1,0 +1,239 @@
+"""The converter: public formats in, exact shards out; filtering, corrupt inputs, atomic and resumed writes."""
+
+import json
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dcgan_dist.data import load_manifest, read_shards
+from dcgan_dist.data.prepare import STATE, PrepareOptions, prepare
+from dcgan_dist.data.shards import sha256_file
+from dcgan_dist.data.sources import open_source
+from dcgan_dist.data.synthetic import CIFAR_CLASSES, write_cifar10, write_lsun, write_mnist
+from dcgan_dist.errors import UserError
+
+
+def cifar_reference(archive):
+    """The fixture's pixels and labels, read independently of the converter."""
+    images, labels = [], []
+    with tarfile.open(archive) as tar:
+        for i in range(1, 6):
+            b = pickle.loads(tar.extractfile(f"cifar-10-batches-py/data_batch_{i}").read(), encoding="bytes")
+            images.append(b[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            labels += b[b"labels"]
+    return np.concatenate(images), np.array(labels)
+
+
+def test_cifar10_archive_round_trip_is_pixel_exact(tmp_path, cli):
+    archive = write_cifar10(tmp_path / "src", n_per_batch=30)
+    cli("prepare_data.py", "cifar10", "--input", archive, "--out", tmp_path / "out", "--resolution", 32,
+        "--shard-size", 64, "--chunk-size", 16, "--workers", 2)
+    ref_x, ref_y = cifar_reference(archive)
+    got = list(read_shards(tmp_path / "out"))
+    assert len(got) == 150
+    assert np.array_equal(np.stack([x for x, _ in got]), ref_x)
+    assert [y for _, y in got] == ref_y.tolist()
+    m = load_manifest(tmp_path / "out", verify="sha256")
+    assert m["num_images"] == 150 and m["resolution"] == 32 and m["channels"] == 3
+    assert m["class_names"] == CIFAR_CLASSES
+    assert [s["num_images"] for s in m["shards"]] == [64, 64, 22]
+    for s in m["shards"]:
+        assert s["sha256"] == sha256_file(tmp_path / "out" / s["name"])
+
+
+def test_cifar10_extracted_folder_and_test_split(tmp_path, cli):
+    folder = write_cifar10(tmp_path / "src", n_per_batch=10, as_archive=False)
+    cli("prepare_data.py", "cifar10", "--input", folder, "--out", tmp_path / "out", "--resolution", 32,
+        "--split", "test")
+    b = pickle.loads((folder / "test_batch").read_bytes(), encoding="bytes")
+    got = list(read_shards(tmp_path / "out"))
+    assert np.array_equal(np.stack([x for x, _ in got]), b[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("spec, kept", [("cat", [3]), ("3,5", [3, 5]), ("dog,1", [1, 5])])
+def test_cifar10_class_filter(tmp_path, spec, kept):
+    archive = write_cifar10(tmp_path / "src", n_per_batch=40)
+    ref_x, ref_y = cifar_reference(archive)
+    m = prepare(open_source("cifar10", archive), tmp_path / "out",
+                PrepareOptions("cifar10", str(archive), resolution=32, classes=spec), progress=False)
+    mask = np.isin(ref_y, kept)
+    got = list(read_shards(tmp_path / "out"))
+    assert m["num_images"] == mask.sum() == len(got)
+    assert m["classes_kept"] == kept
+    assert np.array_equal(np.stack([x for x, _ in got]), ref_x[mask])
+    assert sorted({y for _, y in got}) == kept
+
+
+def test_unknown_class_is_a_one_line_error(tmp_path, cli):
+    archive = write_cifar10(tmp_path / "src", n_per_batch=5)
+    p = cli("prepare_data.py", "cifar10", "--input", archive, "--out", tmp_path / "o", "--classes", "kitten",
+            check=False)
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and "unknown class 'kitten'" in p.stderr and "cat" in p.stderr
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_mnist_idx_round_trip_at_native_28px(tmp_path, gz):
+    write_mnist(tmp_path / "src", n=40, gz=gz)
+    import gzip
+    opener = gzip.open if gz else open
+    with opener(tmp_path / "src" / ("train-images-idx3-ubyte" + (".gz" if gz else "")), "rb") as f:
+        ref = np.frombuffer(f.read()[16:], np.uint8).reshape(40, 28, 28, 1)
+    with opener(tmp_path / "src" / ("train-labels-idx1-ubyte" + (".gz" if gz else "")), "rb") as f:
+        ref_y = np.frombuffer(f.read()[8:], np.uint8)
+    prepare(open_source("mnist", tmp_path / "src"), tmp_path / "out",
+            PrepareOptions("mnist", None, resolution=28), progress=False)
+    got = list(read_shards(tmp_path / "out"))
+    assert np.array_equal(np.stack([x for x, _ in got]), ref)
+    assert [y for _, y in got] == ref_y.tolist()
+
+
+def test_mnist_to_three_channels_and_32px(tmp_path):
+    write_mnist(tmp_path / "src", n=10, split="test")
+    src = open_source("mnist", tmp_path / "src", split="test")
+    prepare(src, tmp_path / "rgb", PrepareOptions("mnist", None, "test", resolution=28, channels=3), progress=False)
+    x = np.stack([x for x, _ in read_shards(tmp_path / "rgb")])
+    assert x.shape == (10, 28, 28, 3)
+    assert np.array_equal(x[..., 0], src.images) and np.array_equal(x[..., 2], src.images)
+    prepare(src, tmp_path / "up", PrepareOptions("mnist", None, "test", resolution=32), progress=False)
+    assert next(read_shards(tmp_path / "up"))[0].shape == (32, 32, 1)
+
+
+def test_lsun_webp_lmdb_skips_and_records_corrupt_values(tmp_path, cli):
+    write_lsun(tmp_path / "bedroom_train_lmdb", n=24, corrupt=3)
+    p = cli("prepare_data.py", "lsun", "--input", tmp_path / "bedroom_train_lmdb", "--out", tmp_path / "out",
+            "--resolution", 64, "--shard-size", 10, "--workers", 2)
+    assert "skipped 3 corrupt" in p.stdout
+    m = load_manifest(tmp_path / "out", verify="sha256")
+    assert m["num_images"] == 21 and m["skipped"]["count"] == 3
+    assert all(len(k) == 40 for k, _ in m["skipped"]["items"])        # the hex keys of the bad values
+    # shard i holds lmdb items [10i, 10i+10) (key order) minus the corrupt ones among them
+    import lmdb
+    with lmdb.open(str(tmp_path / "bedroom_train_lmdb"), readonly=True, lock=False).begin() as txn:
+        order = [k.decode() for k, _ in txn.cursor()]
+    bad_pos = [order.index(k) for k, _ in m["skipped"]["items"]]
+    assert [s["num_images"] for s in m["shards"]] == [10 - sum(lo <= p < lo + 10 for p in bad_pos)
+                                                      for lo in (0, 10, 20)][:2] + [4 - sum(p >= 20 for p in bad_pos)]
+    keys = [k for _, _, k in read_shards(tmp_path / "out", with_keys=True)]
+    assert not set(keys) & {k for k, _ in m["skipped"]["items"]}
+    x = next(read_shards(tmp_path / "out"))[0]
+    assert x.shape == (64, 64, 3) and x.dtype == np.uint8
+
+
+def test_center_crop_then_antialiased_resize(tmp_path):
+    """A 60x100 image with red 20-px bands on the long sides: the center crop drops them exactly."""
+    img = np.zeros((60, 100, 3), np.uint8)
+    img[:, :, 2] = 200
+    img[:, :20] = img[:, 80:] = (255, 0, 0)
+    (tmp_path / "src").mkdir()
+    Image.fromarray(img).save(tmp_path / "src" / "a.png")
+    prepare(open_source("folder", tmp_path / "src"), tmp_path / "out",
+            PrepareOptions("folder", None, resolution=32), progress=False)
+    x = next(read_shards(tmp_path / "out"))[0]
+    assert x.shape == (32, 32, 3)
+    assert (x[..., 0] == 0).all() and (x[..., 2] == 200).all()
+
+
+def test_folder_labels_from_subfolders_and_bad_files_skipped(tmp_path):
+    rng = np.random.default_rng(0)
+    for cls, n in (("cats", 3), ("dogs", 4)):
+        (tmp_path / "src" / cls / "deeper").mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(
+                tmp_path / "src" / cls / ("deeper" if i == 0 else ".") / f"{i}.jpg")
+    (tmp_path / "src" / "dogs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (tmp_path / "src" / "notes.txt").write_text("not an image, ignored")
+    m = prepare(open_source("folder", tmp_path / "src"), tmp_path / "out",
+                PrepareOptions("folder", None, resolution=32, classes="dogs"), progress=False)
+    assert m["class_names"] == ["cats", "dogs"]
+    assert m["num_images"] == 4 and m["skipped"]["items"][0][0] == "dogs/broken.png"
+    assert {y for _, y in read_shards(tmp_path / "out")} == {1}
+
+
+def test_bundled_digits(tmp_path):
+    m = prepare(open_source("digits", None), tmp_path / "out", PrepareOptions("digits", None, resolution=32),
+                progress=False)
+    labels = [y for _, y in read_shards(tmp_path / "out")]
+    assert m["num_images"] == 1797 and m["channels"] == 1
+    assert sorted(set(labels)) == list(range(10))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["cifar10", "--input", "/no/such/file"], "/no/such/file: no such file or folder"),
+    (["mnist"], "needs --input"),
+    (["lsun", "--input", "."], "no data.mdb"),
+    (["folder", "--input", "EMPTY"], "no images to convert"),
+])
+def test_input_mistakes_are_one_line_errors(tmp_path, cli, args, message):
+    (tmp_path / "empty").mkdir()
+    args = [str(tmp_path / "empty") if a == "EMPTY" else a for a in args]
+    p = cli("prepare_data.py", *args, "--out", tmp_path / "out", check=False)
+    assert p.returncode == 2
+    assert p.stderr.startswith("error: ") and p.stderr.strip().count("\n") == 0, p.stderr
+    assert message in p.stderr
+
+
+def test_unknown_source_is_refused(tmp_path, cli):
+    p = cli("prepare_data.py", "imagenet", "--out", tmp_path / "out", check=False)
+    assert p.returncode == 2 and "invalid choice: 'imagenet'" in p.stderr
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupted_after(src, n):
+    """Wrap a source so that its item iterator dies after n items, like a killed conversion."""
+    items = src.items
+
+    def dying():
+        for i, item in enumerate(items()):
+            if i == n:
+                raise Interrupt
+            yield item
+    src.items = dying
+    return src
+
+
+def test_interrupted_conversion_resumes_to_identical_shards(tmp_path):
+    archive = write_cifar10(tmp_path / "src", n_per_batch=30)
+    opts = PrepareOptions("cifar10", str(archive), resolution=32, shard_size=40, chunk_size=16)
+    prepare(open_source("cifar10", archive), tmp_path / "ref", opts, progress=False)
+
+    with pytest.raises(Interrupt):
+        prepare(interrupted_after(open_source("cifar10", archive), 100), tmp_path / "out", opts, progress=False)
+    assert (tmp_path / "out" / STATE).exists() and not (tmp_path / "out" / "manifest.json").exists()
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
+    with pytest.raises(UserError, match="interrupted"):
+        load_manifest(tmp_path / "out")
+    with pytest.raises(UserError, match=r"other settings \(resolution: 32 -> 64\)"):
+        prepare(open_source("cifar10", archive), tmp_path / "out",
+                PrepareOptions("cifar10", str(archive), resolution=64, shard_size=40, chunk_size=16), progress=False)
+
+    m = prepare(open_source("cifar10", archive), tmp_path / "out", opts, progress=False)
+    ref = json.loads((tmp_path / "ref" / "manifest.json").read_text())
+    assert m["_stats"]["new_images"] == 150 - 80
+    assert [s["sha256"] for s in m["shards"]] == [s["sha256"] for s in ref["shards"]]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.suffix == ".json") == ["manifest.json"]
+
+
+def test_complete_output_is_not_overwritten_without_flag(tmp_path):
+    archive = write_cifar10(tmp_path / "src", n_per_batch=5)
+    opts = PrepareOptions("cifar10", str(archive), resolution=32)
+    prepare(open_source("cifar10", archive), tmp_path / "out", opts, progress=False)
+    before = (tmp_path / "out" / "manifest.json").read_text()
+    with pytest.raises(UserError, match="already holds a complete dataset"):
+        prepare(open_source("cifar10", archive), tmp_path / "out", opts, progress=False)
+    assert (tmp_path / "out" / "manifest.json").read_text() == before
+    m = prepare(open_source("cifar10", archive), tmp_path / "out", opts, overwrite=True, progress=False)
+    assert m["num_images"] == 25
+
+
+def test_cifar_pickle_with_foreign_objects_is_refused(tmp_path):
+    folder = write_cifar10(tmp_path / "src", n_per_batch=5, as_archive=False)
+    (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": Interrupt}, protocol=2))
+    with pytest.raises(UserError, match="refusing to load"):
+        open_source("cifar10", folder)
