@@ -1,0 +1,232 @@
+"""One typed schema for every setting. TOML files state only what differs; defaults live here.
+
+    cfg = load_config("configs/lsun.toml", overrides=["train.batch_size=64"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .errors import UserError
+
+
+@dataclass
+class DataConfig:
+    shards: str = "data/digits"          # folder with manifest.json (launch/prepare_data.py)
+    resolution: int = 64                 # must match the shards: 32, 64 or 128
+    channels: int = 3                    # must match the shards: 1 or 3
+    workers: int = 2                     # loader worker processes per rank (0: in the main process)
+    shuffle_window: int = 4096           # images shuffled together (see dcgan_dist/data/loader.py)
+    verify: str = "size"                 # shard check before training: size | sha256 | none
+
+
+@dataclass
+class ModelConfig:
+    latent: int = 100                    # nz, the size of z
+    ngf: int = 64                        # generator width
+    ndf: int = 64                        # discriminator width
+    init_g: bool = True                  # DCGAN init N(0, 0.02) conv / N(1, 0.02) BN scale for G
+    init_d: bool = True                  # ... and for D
+    sync_bn: bool = False                # SyncBatchNorm across GPUs (CUDA only)
+
+
+@dataclass
+class LossConfig:
+    kind: str = "bce"                    # bce (non-saturating, the paper's) | hinge | lsgan
+    real_label: float = 1.0              # one-sided label smoothing: e.g. 0.9 (bce, lsgan)
+    flip_prob: float = 0.0               # chance of swapping a sample's real/fake target for D
+    instance_noise: float = 0.0          # std of Gaussian noise on D's inputs at step 0
+    instance_noise_steps: int = 0        # ... annealed linearly to 0 over this many steps
+    d_steps: int = 1                     # D updates per G update
+
+
+@dataclass
+class OptimConfig:
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 128                # per process (per GPU)
+    max_steps: int = 10000               # G updates
+    max_epochs: int = 0                  # stop after this many epochs too (0: no limit)
+    seed: int = 0
+    precision: str = "fp32"              # fp32 | bf16 | fp16 (loss-scaled); wins over accelerate's flag
+    fp16_init_scale: float = 65536.0     # initial loss scale of each network's GradScaler
+    channels_last: bool = True
+    compile: bool = False                # torch.compile G and D
+    broadcast_buffers: bool = False      # DDP buffer broadcast; False avoids the BN in-place error
+
+
+@dataclass
+class LogConfig:
+    every: int = 50                      # scalars to W&B and metrics.jsonl every N steps
+    sample_every: int = 500              # fixed-noise grid every N steps
+    n_samples: int = 64                  # images in the grid
+    wandb: str = "auto"                  # online | offline | disabled | auto
+    project: str = "dcgan_dist"
+    entity: str = ""
+    progress_bar: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000                    # steps between checkpoints (and one at the end)
+    keep: int = 3                        # newest complete checkpoints kept
+    resume: str = "auto"                 # auto (newest complete) | never | a checkpoint path
+
+
+@dataclass
+class Config:
+    name: str = "dcgan"                  # run name; the run directory is <runs_dir>/<name>
+    runs_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "data.resolution": (32, 64, 128), "data.channels": (1, 3), "data.verify": ("size", "sha256", "none"),
+    "loss.kind": ("bce", "hinge", "lsgan"), "train.precision": ("fp32", "bf16", "fp16"),
+    "log.wandb": ("online", "offline", "disabled", "auto"),
+}
+POSITIVE = {"model.latent", "model.ngf", "model.ndf", "loss.d_steps", "train.batch_size", "train.max_steps",
+            "log.every", "log.sample_every", "log.n_samples", "checkpoint.every", "checkpoint.keep",
+            "optim.lr_g", "optim.lr_d", "train.fp16_init_scale", "data.shuffle_window"}
+UNIT_INTERVAL = {"loss.real_label", "loss.flip_prob", "optim.beta1", "optim.beta2"}
+
+
+def _all_keys(cls=Config, prefix="") -> dict[str, type]:
+    out = {}
+    for f in fields(cls):
+        t = get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(t):
+            out.update(_all_keys(t, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = t
+    return out
+
+
+KEYS = _all_keys()
+
+
+def _set(cfg: Config, key: str, value: Any, where: str) -> None:
+    if key not in KEYS:
+        near = difflib.get_close_matches(key, KEYS, n=1, cutoff=0.5) or \
+            difflib.get_close_matches(key.split(".")[-1], [k.split(".")[-1] for k in KEYS], n=1)
+        hint = f"; did you mean {_full(near[0])!r}?" if near else ""
+        raise UserError(f"{where}: unknown key {key!r}{hint}")
+    want = KEYS[key]
+    want = get_args(want)[0] if get_args(want) else want
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        raise UserError(f"{where}: {key} must be {want.__name__}, got {type(value).__name__} {value!r}")
+    obj = cfg
+    *parents, last = key.split(".")
+    for p in parents:
+        obj = getattr(obj, p)
+    setattr(obj, last, value)
+
+
+def _full(name: str) -> str:
+    return name if name in KEYS else next((k for k in KEYS if k.endswith("." + name)), name)
+
+
+def _flatten(d: dict, prefix="") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- TOML file <- ``section.key=value`` overrides (values in TOML syntax), then validate."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"{path}: no such config file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"{path}: invalid TOML ({e})") from None
+        for key, value in _flatten(data).items():
+            _set(cfg, key, value, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected section.key=value, e.g. train.batch_size=64")
+        key, raw = (s.strip() for s in item.split("=", 1))
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw                                 # bare words are strings: loss.kind=hinge
+        _set(cfg, key, value, f"--set {item}")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    flat = _flatten(cfg.to_dict())
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise UserError(f"{key} = {flat[key]!r}: must be one of {', '.join(map(str, allowed))}")
+    for key in POSITIVE:
+        if flat[key] <= 0:
+            raise UserError(f"{key} = {flat[key]!r}: must be > 0")
+    for key in UNIT_INTERVAL:
+        if not 0 <= flat[key] <= 1:
+            raise UserError(f"{key} = {flat[key]!r}: must be between 0 and 1")
+    for key in ("data.workers", "train.max_epochs", "loss.instance_noise", "loss.instance_noise_steps"):
+        if flat[key] < 0:
+            raise UserError(f"{key} = {flat[key]!r}: must be >= 0")
+    if not cfg.name or "/" in cfg.name:
+        raise UserError(f"name = {cfg.name!r}: must be a non-empty name without '/'")
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML (scalars only, so a small writer suffices)."""
+    lines = []
+    top = {k: v for k, v in cfg.to_dict().items() if not isinstance(v, dict)}
+    sections = {k: v for k, v in cfg.to_dict().items() if isinstance(v, dict)}
+    for k, v in top.items():
+        lines.append(f"{k} = {_toml_value(v)}")
+    for name, section in sections.items():
+        lines.append(f"\n[{name}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in section.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -1,0 +1,169 @@
+"""The training loop: setup, the step loop, logging, sampling, checkpoints. Read top to bottom."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from tqdm import tqdm
+
+from ..config import Config, to_toml
+from ..data import ShardLoader, load_manifest, to_device
+from ..errors import UserError
+from ..models import build_models, count_parameters
+from . import checkpoint
+from .checkpoint import TrainState
+from .step import Nets, d_only_step, gan_step, make_scalers
+from .tracking import MetricsFile, sample_grid, save_grid, wandb_mode, write_gif
+
+log = logging.getLogger("dcgan_dist")
+
+
+def describe(cfg: Config) -> str:
+    """What --dry-run prints: resolved config, data summary, parameter counts."""
+    m = load_manifest(cfg.data.shards, "size", cfg.data.resolution, cfg.data.channels)
+    g, d = build_models(cfg)
+    return (f"{to_toml(cfg)}\n# data: {cfg.data.shards}: {m['num_images']} images, {m['resolution']} px, "
+            f"{m['channels']} ch, {len(m['shards'])} shards, source {m.get('source')}, "
+            f"classes {m.get('class_names')}\n"
+            f"# generator: {count_parameters(g):,} parameters; discriminator: {count_parameters(d):,} parameters\n")
+
+
+def _accelerator(cfg: Config) -> Accelerator:
+    use_wandb = wandb_mode(cfg.log.wandb) != "disabled"
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),       # without it a CPU-only --multi_gpu launch runs undistributed
+        mixed_precision="no",                    # precision is ours: per-network scalers, see step.py
+        log_with="wandb" if use_wandb else None,
+        project_dir=str(cfg.run_dir),
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=cfg.train.broadcast_buffers)],
+    )
+
+
+def train(cfg: Config) -> dict:
+    """Train until max_steps (or max_epochs); returns a summary of the run."""
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    acc = _accelerator(cfg)
+    main = acc.is_main_process
+    if main and launcher_precision not in ("no", cfg.train.precision):
+        log.warning("accelerate launch asked for mixed_precision=%s; the config's train.precision=%s wins",
+                    launcher_precision, cfg.train.precision)
+    if cfg.train.precision == "fp16" and acc.device.type == "cpu":
+        log.warning("fp16 on CPU works (for tests) but is slow; use bf16 or fp32 on CPU")
+    run_dir = cfg.run_dir
+    ckpt_root = run_dir / "checkpoints"
+    if main:
+        try:
+            (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.toml").write_text(to_toml(cfg))
+        except OSError as e:
+            raise UserError(f"run directory {run_dir}: cannot write ({e.strerror})") from None
+
+    # --- models, optimizers, scalers: identical initial weights on every rank (same seed).
+    set_seed(cfg.train.seed)
+    G, D = build_models(cfg)
+    if cfg.model.sync_bn and acc.num_processes > 1 and acc.device.type == "cuda":
+        D = torch.nn.SyncBatchNorm.convert_sync_batchnorm(D)
+        G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(G)
+    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    G, D = G.to(memory_format=fmt), D.to(memory_format=fmt)  # before prepare: DDP fixes bucket strides
+    betas = (cfg.optim.beta1, cfg.optim.beta2)
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_g, betas=betas)
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d, betas=betas)
+    G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)       # order fixed: checkpoint files by position
+    if cfg.train.compile:
+        G, D = torch.compile(G), torch.compile(D)
+    scaler_g, scaler_d = make_scalers(cfg.train.precision, acc.device.type, cfg.train.fp16_init_scale)
+    nets = Nets(G, D, opt_g, opt_d, scaler_g, scaler_d)
+    fixed = torch.randn(cfg.log.n_samples, cfg.model.latent, generator=torch.Generator().manual_seed(cfg.train.seed))
+    state = TrainState(fixed)
+    acc.register_for_checkpointing(state, scaler_g, scaler_d)
+
+    resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, ckpt_root)
+    if resume_from is not None:
+        acc.load_state(str(resume_from))                        # also restores every rank's RNG states
+        if main:
+            log.info("resumed from %s (step %d)", resume_from, state.step)
+    else:
+        torch.manual_seed(cfg.train.seed + 1 + acc.process_index)  # each rank draws its own z
+
+    loader = ShardLoader(cfg.data.shards, cfg.train.batch_size, acc.process_index, acc.num_processes,
+                         cfg.data.workers, cfg.train.seed, cfg.data.shuffle_window, state.loader_batches,
+                         cfg.data.verify, cfg.data.resolution, cfg.data.channels,
+                         pin_memory=acc.device.type == "cuda")
+
+    # --- trackers (rank 0 only; Accelerate makes them no-ops elsewhere)
+    mode = wandb_mode(cfg.log.wandb)
+    if mode != "disabled":
+        if main and not state.wandb_id:
+            state.wandb_id = uuid.uuid4().hex[:12]             # kept in checkpoints: a resume continues the run
+        acc.init_trackers(cfg.log.project, config=cfg.to_dict(), init_kwargs={"wandb": {
+            "name": cfg.name, "id": state.wandb_id or None, "resume": "allow", "dir": str(run_dir), "mode": mode,
+            "entity": cfg.log.entity or None, "group": os.environ.get("SLURM_JOB_ID")}})
+    metrics = MetricsFile(run_dir / "metrics.jsonl") if main else None
+    bar = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not (main and cfg.log.progress_bar),
+               unit="step", dynamic_ncols=True)
+
+    sums: dict[str, torch.Tensor] = {}
+    t_last, steps_since = time.perf_counter(), 0
+    unwrapped_g = acc.unwrap_model(G)
+    per_step_images = cfg.train.batch_size * acc.num_processes
+    batches = iter(loader)
+    last = state.step >= cfg.train.max_steps
+    while not last:
+        noise_std = cfg.loss.instance_noise * (
+            max(0.0, 1 - state.step / cfg.loss.instance_noise_steps) if cfg.loss.instance_noise_steps else 1.0)
+        for _ in range(cfg.loss.d_steps - 1):
+            d_only_step(acc, nets, to_device(next(batches)[0], acc.device, cfg.train.channels_last), cfg, noise_std)
+        real = to_device(next(batches)[0], acc.device, cfg.train.channels_last)
+        out = gan_step(acc, nets, real, cfg, noise_std)
+        state.step += 1
+        state.loader_batches = loader.batches
+        state.skipped_d += out.pop("skipped_d")
+        state.skipped_g += out.pop("skipped_g")
+        for k, v in out.items():                                # summed on device: no sync per step
+            sums[k] = sums.get(k, 0) + v
+        steps_since += 1
+        bar.update(1)
+        last = state.step >= cfg.train.max_steps or bool(cfg.train.max_epochs and loader.epoch >= cfg.train.max_epochs)
+
+        if state.step % cfg.log.every == 0 or last:
+            means = acc.reduce(torch.stack([sums[k] for k in sorted(sums)]) / steps_since, "mean")  # every rank
+            elapsed = time.perf_counter() - t_last
+            row = {"step": state.step, "epoch": loader.epoch, **dict(zip(sorted(sums), means.tolist())),
+                   "scale_d": scaler_d.get_scale(), "scale_g": scaler_g.get_scale(),
+                   "skipped_d": state.skipped_d, "skipped_g": state.skipped_g,
+                   "images_per_s": steps_since * per_step_images / elapsed, "s_per_step": elapsed / steps_since,
+                   "instance_noise": noise_std, "corrupt_chunks": loader.corrupt_chunks}
+            if main:
+                metrics.write(row)
+                acc.log({k: v for k, v in row.items() if k != "step"}, step=state.step)
+                bar.set_postfix(d=f"{row['loss_d']:.3f}", g=f"{row['loss_g']:.3f}",
+                                img_s=f"{row['images_per_s']:.0f}")
+            sums, steps_since, t_last = {}, 0, time.perf_counter()
+
+        if main and (state.step % cfg.log.sample_every == 0 or last):
+            path = save_grid(sample_grid(unwrapped_g, state.fixed_noise), run_dir / "samples", state.step)
+            if mode != "disabled":
+                import wandb
+                acc.log({"samples": wandb.Image(str(path))}, step=state.step)
+
+        if state.step % cfg.checkpoint.every == 0 or last:
+            checkpoint.save(acc, ckpt_root, state.step, to_toml(cfg), cfg.checkpoint.keep)
+    bar.close()
+
+    summary = {"step": state.step, "epoch": loader.epoch, "skipped_d": state.skipped_d,
+               "skipped_g": state.skipped_g, "run_dir": str(run_dir), "wandb_mode": mode,
+               "num_processes": acc.num_processes}
+    if main:
+        write_gif(run_dir / "samples")
+        offline_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+        if mode == "offline" and offline_runs:
+            summary["sync_command"] = f"wandb sync {offline_runs[-1]}"
+    acc.end_training()
+    return summary

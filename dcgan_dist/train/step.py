@@ -1,0 +1,109 @@
+"""One GAN update: D step, then G step, with the DDP and mixed-precision details named in one place."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ..losses import d_loss, d_targets, g_loss
+
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Nets:
+    """The prepared (DDP-wrapped where distributed) networks, their optimizers and loss scalers."""
+    G: torch.nn.Module
+    D: torch.nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    scaler_g: torch.amp.GradScaler
+    scaler_d: torch.amp.GradScaler
+
+
+def make_scalers(precision: str, device_type: str, init_scale: float):
+    """One GradScaler per network: with Accelerate's single shared scaler an overflow in D also
+    halves G's scale. Disabled (a pass-through) for fp32 and bf16."""
+    on = precision == "fp16"
+    return (torch.amp.GradScaler(device_type, init_scale=init_scale, enabled=on),
+            torch.amp.GradScaler(device_type, init_scale=init_scale, enabled=on))
+
+
+def autocast(precision: str, device_type: str):
+    dtype = AMP_DTYPES[precision]
+    return torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def frozen(accelerator, module: torch.nn.Module):
+    """Run a DDP module without gradient sync and without weight gradients (G step through D):
+    no all-reduce of D's gradients, no work spent computing them; input gradients still flow."""
+    params = [p for p in module.parameters()]
+    with accelerator.no_sync(module):
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
+
+def _apply(scaler: torch.amp.GradScaler, loss: torch.Tensor, opt: torch.optim.Optimizer) -> bool:
+    """Scaled backward + step + scale update; returns True when the step was skipped (inf/NaN grads)."""
+    scaler.scale(loss).backward()
+    before = scaler.get_scale()
+    scaler.step(opt)
+    scaler.update()
+    return scaler.is_enabled() and scaler.get_scale() < before
+
+
+def gan_step(acc, nets: Nets, real: torch.Tensor, cfg, noise_std: float) -> dict:
+    """D update on (real, G(z)), then G update through D. Returns detached scalars."""
+    dev, prec, kind = real.device, cfg.train.precision, cfg.loss.kind
+    n = real.shape[0]
+    z = torch.randn(n, cfg.model.latent, device=dev)
+
+    # --- D step: D's gradients are all-reduced here, once, by the backward.
+    with autocast(prec, dev.type):
+        fake = nets.G(z)        # kept with its graph: the G step reuses it (one G forward per step)
+        d_in_real, d_in_fake = real, fake.detach()
+        if noise_std > 0:       # instance noise, annealed by the caller
+            d_in_real = d_in_real + noise_std * torch.randn_like(d_in_real)
+            d_in_fake = d_in_fake + noise_std * torch.randn_like(d_in_fake)
+        logits_real, logits_fake = nets.D(d_in_real), nets.D(d_in_fake)
+        t_real, t_fake = d_targets(n, cfg.loss.real_label, cfg.loss.flip_prob, dev)
+        loss_d = d_loss(kind, logits_real, logits_fake, t_real, t_fake)
+    nets.opt_d.zero_grad(set_to_none=True)
+    skipped_d = _apply(nets.scaler_d, loss_d, nets.opt_d)
+
+    # --- G step: through D without its gradient sync or weight gradients; only G's grads all-reduce.
+    with frozen(acc, nets.D), autocast(prec, dev.type):
+        g_in = fake + noise_std * torch.randn_like(fake) if noise_std > 0 else fake
+        logits_gen = nets.D(g_in)
+        loss_g = g_loss(kind, logits_gen)
+    nets.opt_g.zero_grad(set_to_none=True)
+    skipped_g = _apply(nets.scaler_g, loss_g, nets.opt_g)
+
+    return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(),
+            "d_real": torch.sigmoid(logits_real.detach().float()).mean(),
+            "d_fake": torch.sigmoid(logits_fake.detach().float()).mean(),
+            "skipped_d": skipped_d, "skipped_g": skipped_g}
+
+
+def d_only_step(acc, nets: Nets, real: torch.Tensor, cfg, noise_std: float) -> None:
+    """An extra D update (loss.d_steps > 1): fakes from G without a graph."""
+    dev, prec = real.device, cfg.train.precision
+    z = torch.randn(real.shape[0], cfg.model.latent, device=dev)
+    with autocast(prec, dev.type):
+        with torch.no_grad():
+            fake = nets.G(z)
+        if noise_std > 0:
+            real = real + noise_std * torch.randn_like(real)
+            fake = fake + noise_std * torch.randn_like(fake)
+        t_real, t_fake = d_targets(real.shape[0], cfg.loss.real_label, cfg.loss.flip_prob, dev)
+        loss = d_loss(cfg.loss.kind, nets.D(real), nets.D(fake), t_real, t_fake)
+    nets.opt_d.zero_grad(set_to_none=True)
+    _apply(nets.scaler_d, loss, nets.opt_d)

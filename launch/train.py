@@ -1,0 +1,37 @@
+"""Train a DCGAN: accelerate launch launch/train.py --config configs/lsun.toml [--set key=value ...]."""
+
+import argparse
+import logging
+import sys
+
+from dcgan_dist.config import load_config
+from dcgan_dist.errors import UserError
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config", help="TOML file (see configs/); defaults fill what it leaves out")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set train.batch_size=64 (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config, data and model sizes; exit")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(a.config, a.set)
+        if a.dry_run:
+            from dcgan_dist.train import describe
+            print(describe(cfg), end="")
+            return 0
+        from dcgan_dist.train import train
+        summary = train(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if summary.get("sync_command"):
+        print(f"W&B ran offline; upload with: {summary['sync_command']}")
+    print(f"done: step {summary['step']}, epoch {summary['epoch']}, run in {summary['run_dir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
