@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not summary["main"]:
+        return 0
     if summary.get("sync_command"):
         print(f"W&B ran offline; upload with: {summary['sync_command']}")
     print(f"done: step {summary['step']}, epoch {summary['epoch']}, run in {summary['run_dir']}")

@@ -45,6 +45,25 @@ def _accelerator(cfg: Config) -> Accelerator:
     )
 
 
+def build(acc: Accelerator, cfg: Config) -> Nets:
+    """G, D, their optimizers (prepared by Accelerate) and loss scalers; identical weights on every rank."""
+    set_seed(cfg.train.seed)
+    G, D = build_models(cfg)
+    if cfg.model.sync_bn and acc.num_processes > 1 and acc.device.type == "cuda":
+        D = torch.nn.SyncBatchNorm.convert_sync_batchnorm(D)
+        G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(G)
+    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    G, D = G.to(memory_format=fmt), D.to(memory_format=fmt)  # before prepare: DDP fixes bucket strides
+    betas = (cfg.optim.beta1, cfg.optim.beta2)
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_g, betas=betas)
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d, betas=betas)
+    G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)       # order fixed: checkpoint files by position
+    if cfg.train.compile:
+        G, D = torch.compile(G), torch.compile(D)
+    scaler_g, scaler_d = make_scalers(cfg.train.precision, acc.device.type, cfg.train.fp16_init_scale)
+    return Nets(G, D, opt_g, opt_d, scaler_g, scaler_d)
+
+
 def train(cfg: Config) -> dict:
     """Train until max_steps (or max_epochs); returns a summary of the run."""
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
@@ -64,25 +83,10 @@ def train(cfg: Config) -> dict:
         except OSError as e:
             raise UserError(f"run directory {run_dir}: cannot write ({e.strerror})") from None
 
-    # --- models, optimizers, scalers: identical initial weights on every rank (same seed).
-    set_seed(cfg.train.seed)
-    G, D = build_models(cfg)
-    if cfg.model.sync_bn and acc.num_processes > 1 and acc.device.type == "cuda":
-        D = torch.nn.SyncBatchNorm.convert_sync_batchnorm(D)
-        G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(G)
-    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    G, D = G.to(memory_format=fmt), D.to(memory_format=fmt)  # before prepare: DDP fixes bucket strides
-    betas = (cfg.optim.beta1, cfg.optim.beta2)
-    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_g, betas=betas)
-    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d, betas=betas)
-    G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)       # order fixed: checkpoint files by position
-    if cfg.train.compile:
-        G, D = torch.compile(G), torch.compile(D)
-    scaler_g, scaler_d = make_scalers(cfg.train.precision, acc.device.type, cfg.train.fp16_init_scale)
-    nets = Nets(G, D, opt_g, opt_d, scaler_g, scaler_d)
+    nets = build(acc, cfg)
     fixed = torch.randn(cfg.log.n_samples, cfg.model.latent, generator=torch.Generator().manual_seed(cfg.train.seed))
     state = TrainState(fixed)
-    acc.register_for_checkpointing(state, scaler_g, scaler_d)
+    acc.register_for_checkpointing(state, nets.scaler_g, nets.scaler_d)
 
     resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, ckpt_root)
     if resume_from is not None:
@@ -111,7 +115,7 @@ def train(cfg: Config) -> dict:
 
     sums: dict[str, torch.Tensor] = {}
     t_last, steps_since = time.perf_counter(), 0
-    unwrapped_g = acc.unwrap_model(G)
+    unwrapped_g = acc.unwrap_model(nets.G)
     per_step_images = cfg.train.batch_size * acc.num_processes
     batches = iter(loader)
     last = state.step >= cfg.train.max_steps
@@ -136,7 +140,7 @@ def train(cfg: Config) -> dict:
             means = acc.reduce(torch.stack([sums[k] for k in sorted(sums)]) / steps_since, "mean")  # every rank
             elapsed = time.perf_counter() - t_last
             row = {"step": state.step, "epoch": loader.epoch, **dict(zip(sorted(sums), means.tolist())),
-                   "scale_d": scaler_d.get_scale(), "scale_g": scaler_g.get_scale(),
+                   "scale_d": nets.scaler_d.get_scale(), "scale_g": nets.scaler_g.get_scale(),
                    "skipped_d": state.skipped_d, "skipped_g": state.skipped_g,
                    "images_per_s": steps_since * per_step_images / elapsed, "s_per_step": elapsed / steps_since,
                    "instance_noise": noise_std, "corrupt_chunks": loader.corrupt_chunks}
@@ -159,7 +163,8 @@ def train(cfg: Config) -> dict:
 
     summary = {"step": state.step, "epoch": loader.epoch, "skipped_d": state.skipped_d,
                "skipped_g": state.skipped_g, "run_dir": str(run_dir), "wandb_mode": mode,
-               "num_processes": acc.num_processes}
+               "num_processes": acc.num_processes, "rank": acc.process_index, "main": main,
+               "models": (acc.unwrap_model(nets.G), acc.unwrap_model(nets.D))}
     if main:
         write_gif(run_dir / "samples")
         offline_runs = sorted((run_dir / "wandb").glob("offline-run-*"))

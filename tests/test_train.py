@@ -1,0 +1,179 @@
+"""The trainer: rank agreement, reproducibility, gradient sync, W&B on rank 0, fp16 skips, config, sampling."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import accelerate_launch
+from dcgan_dist.config import load_config
+from dcgan_dist.data.prepare import PrepareOptions, prepare
+from dcgan_dist.data.sources import open_source
+from dcgan_dist.errors import UserError
+from dcgan_dist.train import train
+
+SCRIPT = Path(__file__).parent / "dist" / "train_ranks.py"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Digits shards and a tiny config (8-wide nets, batch 16) that trains in seconds on a CPU."""
+    root = tmp_path_factory.mktemp("tiny")
+    prepare(open_source("digits", None), root / "digits", PrepareOptions("digits", None, resolution=32), progress=False)
+    cfg = root / "tiny.toml"
+    cfg.write_text(f"""
+name = "tiny"
+runs_dir = "{root / 'runs'}"
+[data]
+shards = "{root / 'digits'}"
+resolution = 32
+channels = 1
+workers = 0
+[model]
+latent = 16
+ngf = 8
+ndf = 8
+[train]
+batch_size = 16
+max_steps = 6
+[log]
+every = 2
+sample_every = 3
+n_samples = 16
+wandb = "disabled"
+progress_bar = false
+[checkpoint]
+every = 100
+""")
+    return cfg
+
+
+def launch(mode, out, config, *overrides):
+    accelerate_launch(SCRIPT, mode, out, config, *overrides)
+    return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_two_ranks_hold_bitwise_equal_weights_and_runs_reproduce(tiny, tmp_path):
+    runs = tmp_path / "runs"
+    a = launch("train", tmp_path / "a", tiny, f'runs_dir="{runs}"', 'name="a"')
+    assert [r["num_processes"] for r in a] == [2, 2]
+    assert a[0]["params"] == a[1]["params"]                        # every G and D parameter, bitwise
+    assert len(a[0]["params"]) == (4 + 3 * 2) + (4 + 2 * 2)        # G: 4 convT + 3 BN; D: 4 conv + 2 BN
+    b = launch("train", tmp_path / "b", tiny, f'runs_dir="{runs}"', 'name="b"')
+    assert b[0]["params"] == a[0]["params"]                        # same seed, same world size: same weights
+    c = launch("train", tmp_path / "c", tiny, f'runs_dir="{runs}"', 'name="c"', "train.seed=1")
+    assert c[0]["params"] != a[0]["params"]
+
+
+def test_g_step_does_not_all_reduce_or_compute_d_gradients(tiny, tmp_path):
+    r = launch("collectives", tmp_path / "x", tiny)
+    assert r[0]["num_processes"] == 2
+    for rank in r:
+        # one bucket each: D's gradients are all-reduced once per step (D step), G's once (G step)
+        assert rank["per_step"] == [{"G": 1, "D": 1}] * 3
+        assert rank["d_grad_unchanged"] == [True] * 3              # the G step leaves D's .grad untouched
+
+
+def test_two_process_offline_run_makes_one_wandb_run_and_rank0_outputs(tiny, tmp_path):
+    runs = tmp_path / "runs"
+    launch("train", tmp_path / "w", tiny, f'runs_dir="{runs}"', 'name="w"', 'log.wandb="offline"')
+    run = runs / "w"
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1
+    assert len(list(offline[0].glob("run-*.wandb"))) == 1
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        "progress.gif", "step_00000003.png", "step_00000006.png"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]                  # written once, by rank 0
+    for key in ("loss_d", "loss_g", "d_real", "d_fake", "scale_d", "skipped_d", "images_per_s", "s_per_step"):
+        assert key in rows[0]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000006"]
+    grid = np.asarray(Image.open(run / "samples" / "step_00000006.png"))
+    assert grid.shape[:2] == (2 * 34 + 2, 8 * 34 + 2)              # 16 samples, 8 per row, 2-px padding
+
+
+def test_fp16_overflow_is_skipped_counted_and_training_goes_on(tiny, tmp_path):
+    cfg = load_config(tiny, [f'runs_dir="{tmp_path}"', 'train.precision="fp16"', "train.fp16_init_scale=1099511627776.0",
+                             "train.max_steps=30", "log.every=1", "log.sample_every=30"])
+    summary = train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["skipped_d"] == 1 and rows[0]["scale_d"] == 2.0 ** 39       # overflow: skipped, scale halved
+    assert 1 <= summary["skipped_d"] < 30 and summary["step"] == 30       # then it trains on
+    assert rows[-1]["skipped_d"] == rows[-2]["skipped_d"]                   # no more skips at the end
+    assert all(np.isfinite(r["loss_d"]) and np.isfinite(r["loss_g"]) for r in rows)
+
+
+def test_bf16_trains_and_resume_auto_continues_from_the_checkpoint(tiny, tmp_path):
+    cfg = load_config(tiny, [f'runs_dir="{tmp_path}"', 'train.precision="bf16"', "checkpoint.every=3"])
+    assert train(cfg)["step"] == 6
+    cfg = load_config(tiny, [f'runs_dir="{tmp_path}"', 'train.precision="bf16"', "train.max_steps=8"])
+    summary = train(cfg)
+    assert summary["step"] == 8
+    rows = [json.loads(line)["step"] for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [2, 4, 6, 8]                                               # resumed at 6, not from 0
+    assert sorted(p.name for p in (tmp_path / "tiny" / "checkpoints").iterdir()) == [
+        "step_00000003", "step_00000006", "step_00000008"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batchsize=3", "unknown key 'train.batchsize'; did you mean 'train.batch_size'?"),
+    ("trian.lr=1", "unknown key 'trian.lr'"),
+    ("train.batch_size=1.5", "train.batch_size must be int, got float 1.5"),
+    ("train.batch_size=0", "train.batch_size = 0: must be > 0"),
+    ("train.precision=fp8", "train.precision = 'fp8': must be one of fp32, bf16, fp16"),
+    ("loss.real_label=1.2", "loss.real_label = 1.2: must be between 0 and 1"),
+    ("model.init_g=1", "model.init_g must be bool, got int 1"),
+    ("train.seed", "expected section.key=value"),
+])
+def test_config_mistakes_name_the_key(override, message):
+    with pytest.raises(UserError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+
+
+def test_config_file_unknown_key_and_cli_errors(tmp_path, cli):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nnfg = 64\n")
+    p = cli("train.py", "--config", bad, check=False)
+    assert p.returncode == 2 and p.stderr.strip() == f"error: {bad}: unknown key 'model.nfg'; did you mean 'model.ngf'?"
+    p = cli("train.py", "--config", tmp_path / "missing.toml", check=False)
+    assert p.returncode == 2 and "no such config file" in p.stderr
+
+
+def test_dry_run_prints_config_data_and_parameter_counts(tiny, cli, tmp_path):
+    p = cli("train.py", "--config", tiny, "--dry-run", "--set", f'runs_dir="{tmp_path}"')
+    assert 'batch_size = 16' in p.stdout and "1797 images, 32 px, 1 ch" in p.stdout
+    # G: 16*32*16 + 64 + 32*16*16 + 32 + 16*8*16 + 16 + 8*16;  D: 16*8 + 8*16*16 + 32 + 16*32*16 + 64 + 32*16
+    assert "# generator: 18,672 parameters; discriminator: 10,976 parameters" in p.stdout
+    assert not (tmp_path / "tiny").exists()                                   # nothing trained or written
+    p = cli("train.py", "--config", tiny, "--dry-run", "--set", "data.resolution=64", check=False)
+    assert p.returncode == 2 and "resolution 32 but the run asks for 64" in p.stderr
+
+
+def test_sample_writes_n_images_and_a_grid(tiny, tmp_path, cli):
+    train(load_config(tiny, [f'runs_dir="{tmp_path}"', "train.max_steps=2"]))
+    ckpt = tmp_path / "tiny" / "checkpoints" / "step_00000002"
+    cli("sample.py", "--checkpoint", ckpt, "--n", 5, "--out", tmp_path / "s", "--grid", tmp_path / "g.png")
+    files = sorted((tmp_path / "s").glob("*.png"))
+    assert len(files) == 5
+    x = np.stack([np.asarray(Image.open(f)) for f in files])
+    assert x.shape[1:3] == (32, 32) and x.dtype == np.uint8 and x.max() > x.min()
+    assert Image.open(tmp_path / "g.png").size == (3 * 34 + 2, 2 * 34 + 2)
+    p = cli("sample.py", "--checkpoint", tmp_path, "--n", 1, "--out", tmp_path / "t", check=False)
+    assert p.returncode == 2 and "not a complete checkpoint" in p.stderr
+
+
+def test_models_match_the_paper_shapes_and_init():
+    from dcgan_dist.models import Discriminator, Generator, count_parameters, dcgan_init
+    g, d = Generator(100, 64, 3, 64), Discriminator(64, 3, 64)
+    assert (count_parameters(g), count_parameters(d)) == (3_576_704, 2_765_568)   # pytorch/examples dcgan
+    dcgan_init(g)
+    w = torch.cat([m.weight.flatten() for m in g.modules() if isinstance(m, torch.nn.ConvTranspose2d)])
+    assert abs(w.std().item() - 0.02) < 0.001 and abs(w.mean().item()) < 0.001
+    for res in (32, 64, 128):
+        x = Generator(16, 8, 1, res)(torch.randn(2, 16))
+        assert x.shape == (2, 1, res, res) and x.abs().max() <= 1
+        assert Discriminator(8, 1, res)(x).shape == (2,)
