@@ -69,6 +69,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False                # torch.compile G and D
     broadcast_buffers: bool = False      # DDP buffer broadcast; False avoids the BN in-place error
+    sync_every: int = 10                 # steps between the ranks' agreement on stop signals and the NaN guard
 
 
 @dataclass
@@ -86,6 +87,7 @@ class LogConfig:
 class CheckpointConfig:
     every: int = 1000                    # steps between checkpoints (and one at the end)
     keep: int = 3                        # newest complete checkpoints kept
+    milestone_every: int = 0             # also keep every checkpoint whose step is a multiple of this (0: none)
     resume: str = "auto"                 # auto (newest complete) | never | a checkpoint path
 
 
@@ -116,7 +118,7 @@ CHOICES = {
 }
 POSITIVE = {"model.latent", "model.ngf", "model.ndf", "loss.d_steps", "train.batch_size", "train.max_steps",
             "log.every", "log.sample_every", "log.n_samples", "checkpoint.every", "checkpoint.keep",
-            "optim.lr_g", "optim.lr_d", "train.fp16_init_scale", "data.shuffle_window"}
+            "optim.lr_g", "optim.lr_d", "train.fp16_init_scale", "data.shuffle_window", "train.sync_every"}
 UNIT_INTERVAL = {"loss.real_label", "loss.flip_prob", "optim.beta1", "optim.beta2"}
 
 
@@ -204,7 +206,8 @@ def validate(cfg: Config) -> None:
     for key in UNIT_INTERVAL:
         if not 0 <= flat[key] <= 1:
             raise UserError(f"{key} = {flat[key]!r}: must be between 0 and 1")
-    for key in ("data.workers", "train.max_epochs", "loss.instance_noise", "loss.instance_noise_steps"):
+    for key in ("data.workers", "train.max_epochs", "loss.instance_noise", "loss.instance_noise_steps",
+                "checkpoint.milestone_every"):
         if flat[key] < 0:
             raise UserError(f"{key} = {flat[key]!r}: must be >= 0")
     if not cfg.name or "/" in cfg.name:

@@ -3,3 +3,13 @@
 
 class UserError(Exception):
     """A problem the user can fix; entry points print it as one line and exit non-zero."""
+
+
+class TrainingDiverged(UserError):
+    """A non-finite loss or weight: every rank stopped at the same step; nothing was checkpointed after it."""
+
+
+# Exit codes of launch/train.py (documented in the README).
+EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3
+EXIT_PREEMPTED = 75   # sysexits' EX_TEMPFAIL: stopped by a signal after a checkpoint; requeue to continue

@@ -5,7 +5,7 @@ import logging
 import sys
 
 from dcgan_dist.config import load_config
-from dcgan_dist.errors import UserError
+from dcgan_dist.errors import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USER_ERROR, TrainingDiverged, UserError
 
 
 def main(argv=None) -> int:
@@ -24,9 +24,17 @@ def main(argv=None) -> int:
             return 0
         from dcgan_dist.train import train
         summary = train(cfg)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    if summary["stopped_by"]:
+        if summary["main"]:
+            print(f"stopped by {summary['stopped_by']} at step {summary['step']} after a checkpoint; "
+                  f"run the same command again to continue")
+        return EXIT_PREEMPTED
     if not summary["main"]:
         return 0
     if summary.get("sync_command"):

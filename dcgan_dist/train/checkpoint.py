@@ -1,24 +1,36 @@
-"""Checkpoints through Accelerate's state saving, written under a temporary name and renamed when complete.
+"""Checkpoints: Accelerate's state saving plus our own small files, written under a temporary name and
+renamed when complete.
 
-    run_dir/checkpoints/step_00001000/   complete (what resume picks)
-    run_dir/checkpoints/step_00001000.tmp/   being written, or left by a crash (never picked; removed)
+    run_dir/checkpoints/step_00001000/       complete: what resume picks
+    run_dir/checkpoints/step_00001000.tmp/   being written, or left by a kill: never picked, removed
+
+Loading never unpickles arbitrary objects: models are safetensors, optimizers and RNG states go through
+Accelerate's weights-only ``torch.load``, and our own state (step, loader position, fixed noise, loss
+scalers, W&B id) is JSON + safetensors instead of Accelerate's pickled ``custom_checkpoint_*.pkl``.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
 
+log = logging.getLogger("dcgan_dist")
 PATTERN = re.compile(r"^step_(\d{8})$")
+STATE_FILE = "train_state.json"
+NOISE_FILE = "fixed_noise.safetensors"
 
 
 class TrainState:
-    """Everything besides models/optimizers/scalers/RNG that a resume needs; registered for checkpointing."""
+    """Everything besides models/optimizers/RNG that a resume needs."""
 
     def __init__(self, fixed_noise: torch.Tensor) -> None:
         self.step = 0
@@ -28,14 +40,18 @@ class TrainState:
         self.fixed_noise = fixed_noise
         self.wandb_id = ""
 
-    def state_dict(self) -> dict:
+    def to_json(self) -> dict:
         return {"step": self.step, "loader_batches": self.loader_batches, "skipped_d": self.skipped_d,
-                "skipped_g": self.skipped_g, "fixed_noise": self.fixed_noise, "wandb_id": self.wandb_id}
+                "skipped_g": self.skipped_g, "wandb_id": self.wandb_id}
 
-    def load_state_dict(self, d: dict) -> None:
+    def load_json(self, d: dict) -> None:
         self.step, self.loader_batches = int(d["step"]), int(d["loader_batches"])
         self.skipped_d, self.skipped_g = int(d["skipped_d"]), int(d["skipped_g"])
-        self.fixed_noise, self.wandb_id = d["fixed_noise"], str(d["wandb_id"])
+        self.wandb_id = str(d["wandb_id"])
+
+
+def step_of(path: Path) -> int:
+    return int(PATTERN.match(path.name).group(1))
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -45,35 +61,94 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and PATTERN.match(p.name))
 
 
-def save(accelerator, root: Path, step: int, config_toml: str, keep: int) -> Path:
-    """Save on all ranks into ``step_N.tmp``, then rank 0 renames it and prunes old ones."""
-    final = root / f"step_{step:08d}"
+def save(acc, nets, state: TrainState, root: Path, config_toml: str, keep: int, milestone_every: int) -> Path:
+    """All ranks save into ``step_N.tmp`` (each its own RNG state); rank 0 adds our files, renames, prunes."""
+    final = root / f"step_{state.step:08d}"
     tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process:
+    if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "config.toml").write_text(config_toml)   # lets sample.py rebuild G without the run dir
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp), safe_serialization=True)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        (tmp / "config.toml").write_text(config_toml)    # lets sample.py rebuild G without the run dir
+        save_file({"fixed_noise": state.fixed_noise.contiguous()}, str(tmp / NOISE_FILE))
+        scalers = {"scaler_g": nets.scaler_g.state_dict(), "scaler_d": nets.scaler_d.state_dict()}
+        (tmp / STATE_FILE).write_text(json.dumps({**state.to_json(), **scalers}, indent=1))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
         for old in complete_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+            if not (milestone_every and step_of(old) % milestone_every == 0):
+                shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
     return final
 
 
-def resolve_resume(resume: str, root: Path) -> Path | None:
-    """``auto``: newest complete checkpoint or None; ``never``: None; otherwise a checkpoint path."""
+def _check_shapes(path: Path, acc, nets) -> None:
+    """A checkpoint of another model size is a config mistake, not damage: say which tensor differs."""
+    for name, model in (("model.safetensors", nets.G), ("model_1.safetensors", nets.D)):
+        expected = {k: tuple(v.shape) for k, v in acc.unwrap_model(model).state_dict().items()}
+        with safe_open(str(path / name), "pt") as f:
+            for key in f.keys():
+                got = tuple(f.get_slice(key).get_shape())
+                if key in expected and got != expected[key]:
+                    net = "generator" if name == "model.safetensors" else "discriminator"
+                    raise UserError(f"{path}: {net} tensor {key} has shape {got} but the config builds "
+                                    f"{expected[key]}; resume with the config the run was started with "
+                                    f"(see {path / 'config.toml'}) or set checkpoint.resume = \"never\"")
+
+
+def load(path: Path, acc, nets, state: TrainState) -> None:
+    """Restore models, optimizers, every rank's RNG states, the scalers and our state from ``path``."""
+    for name in ("model.safetensors", "model_1.safetensors", STATE_FILE, NOISE_FILE):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{name} missing")
+    _check_shapes(path, acc, nets)
+    acc.load_state(str(path))
+    saved = json.loads((path / STATE_FILE).read_text())
+    state.load_json(saved)
+    state.fixed_noise = load_file(str(path / NOISE_FILE))["fixed_noise"]
+    nets.scaler_g.load_state_dict(saved["scaler_g"])
+    nets.scaler_d.load_state_dict(saved["scaler_d"])
+
+
+def resume(resume: str, root: Path, acc, nets, state: TrainState) -> Path | None:
+    """``auto``: the newest complete checkpoint that loads, warning about damaged newer ones (and failing
+    rather than silently starting over when none loads); ``never``: none; else that checkpoint path."""
     if resume == "never":
         return None
-    if resume == "auto":
-        found = complete_checkpoints(root)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "model.safetensors").is_file():
-        raise UserError(f"checkpoint.resume = {resume!r}: not a complete checkpoint folder (no model.safetensors)")
-    return path
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_dir():
+            raise UserError(f"checkpoint.resume = {resume!r}: no such checkpoint folder")
+        try:
+            load(path, acc, nets, state)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure to read is damage
+            raise UserError(f"checkpoint {path} is damaged ({type(e).__name__}: {e})") from None
+        return path
+    candidates = complete_checkpoints(root)
+    for path in reversed(candidates):
+        try:
+            load(path, acc, nets, state)
+            return path
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            if acc.is_main_process:
+                log.warning("checkpoint %s is damaged (%s: %s); trying the previous one", path, type(e).__name__,
+                            str(e)[:200])
+    if candidates:
+        raise UserError(f"none of the {len(candidates)} checkpoints in {root} could be loaded (see the warnings); "
+                        f"move them away or set checkpoint.resume = \"never\" to start over")
+    return None
+
+
+def remove_partial(root: Path) -> None:
+    """Drop ``*.tmp`` folders a killed save left behind (rank 0, before training)."""
+    if root.is_dir():
+        for p in root.glob("step_*.tmp"):
+            shutil.rmtree(p, ignore_errors=True)

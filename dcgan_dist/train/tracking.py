@@ -28,8 +28,15 @@ def wandb_mode(mode: str) -> str:
 class MetricsFile:
     """metrics.jsonl: one JSON object per logged step, the same scalars as W&B."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, keep_until: int = 0) -> None:
+        """``keep_until``: on a resume from step N, rows past N (steps that will be redone) are dropped."""
         self.path = path
+        if path.exists():
+            rows = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= keep_until]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(r + "\n" for r in rows))
+            os.replace(tmp, path)
 
     def write(self, row: dict) -> None:
         with open(self.path, "a") as f:
