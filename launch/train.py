@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import os
 import sys
 
 from dcgan_dist.config import load_config
@@ -34,7 +35,9 @@ def main(argv=None) -> int:
         if summary["main"]:
             print(f"stopped by {summary['stopped_by']} at step {summary['step']} after a checkpoint; "
                   f"run the same command again to continue")
-        return EXIT_PREEMPTED
+        # Under a launcher (torchrun / accelerate launch) a non-zero exit reads as a crashed worker and the
+        # launcher exits 1 with a traceback, so ranks exit 0 there; run directly, the stop is exit code 75.
+        return 0 if "LOCAL_RANK" in os.environ else EXIT_PREEMPTED
     if not summary["main"]:
         return 0
     if summary.get("sync_command"):

@@ -5,6 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from dcgan_dist.data.prepare import PrepareOptions, prepare
+from dcgan_dist.data.sources import open_source
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,3 +39,36 @@ def accelerate_launch(script: Path, *args, num_processes: int = 2, timeout: int 
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Digits shards and a tiny config (8-wide nets, batch 16) that trains in seconds on a CPU."""
+    root = tmp_path_factory.mktemp("tiny")
+    prepare(open_source("digits", None), root / "digits", PrepareOptions("digits", None, resolution=32), progress=False)
+    cfg = root / "tiny.toml"
+    cfg.write_text(f"""
+name = "tiny"
+runs_dir = "{root / 'runs'}"
+[data]
+shards = "{root / 'digits'}"
+resolution = 32
+channels = 1
+workers = 0
+[model]
+latent = 16
+ngf = 8
+ndf = 8
+[train]
+batch_size = 16
+max_steps = 6
+[log]
+every = 2
+sample_every = 3
+n_samples = 16
+wandb = "disabled"
+progress_bar = false
+[checkpoint]
+every = 100
+""")
+    return cfg

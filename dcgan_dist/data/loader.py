@@ -23,6 +23,7 @@ from worker ``g % W``; on a restart at ``g0`` worker ``k`` serves logical slot `
 from __future__ import annotations
 
 import logging
+import signal
 from collections import OrderedDict
 from pathlib import Path
 
@@ -171,7 +172,10 @@ class ShardLoader:
         self.corrupt_chunks = 0
         self._dl = DataLoader(self.stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                               prefetch_factor=prefetch_factor if num_workers else None,
-                              persistent_workers=False)
+                              persistent_workers=False, worker_init_fn=_ignore_stop_signals,
+                              # its own generator: starting the iterator must not draw from the global RNG,
+                              # or a resumed run's z would drift from the uninterrupted run's
+                              generator=torch.Generator().manual_seed(seed))
 
     @property
     def batches_per_epoch(self) -> int:
@@ -202,6 +206,13 @@ class ShardLoader:
                 batch = pending.pop(self.batches)
                 self.batches += 1
                 yield batch
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """SLURM signals every process of a job step; a loader worker that died of SIGTERM/SIGUSR1 would crash
+    the trainer before it can checkpoint. The trainer handles those signals and stops its workers itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def to_device(images: torch.Tensor, device: torch.device | str, channels_last: bool = True) -> torch.Tensor:

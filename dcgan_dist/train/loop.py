@@ -7,6 +7,7 @@ import os
 import signal
 import time
 import uuid
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -88,9 +89,6 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         self.signalled = signal.Signals(signum).name
 
-    def requested(self) -> bool:
-        return self.signalled is not None or self.stop_file.exists()
-
 
 def _injected_fault(rank: int) -> int:
     """DCGAN_DIST_FAULT=nan@STEP[@RANK]: make that rank's D loss NaN at STEP (tests of the NaN guard)."""
@@ -159,7 +157,7 @@ def train(cfg: Config) -> dict:
     batches = iter(loader)
     stopped_by = None
     last = state.step >= cfg.train.max_steps
-    with StopRequest(run_dir / "STOP") as stop:
+    with StopRequest(Path(os.environ.get("DCGAN_DIST_STOP_FILE", run_dir / "STOP"))) as stop:
         while not last:
             noise_std = cfg.loss.instance_noise * (
                 max(0.0, 1 - state.step / cfg.loss.instance_noise_steps) if cfg.loss.instance_noise_steps else 1.0)
@@ -190,17 +188,17 @@ def train(cfg: Config) -> dict:
             if will_save or state.step % cfg.train.sync_every == 0:
                 weights_bad = any(~torch.isfinite(p).all() for p in nets.G.parameters()) or \
                     any(~torch.isfinite(p).all() for p in nets.D.parameters())
-                flags = torch.stack([nonfinite | bool(weights_bad),
-                                     torch.tensor(stop.requested(), device=acc.device)]).float()
-                diverged, stop_now = (acc.reduce(flags, "sum") > 0).tolist()
+                flags = torch.stack([nonfinite | bool(weights_bad), torch.tensor(stop.signalled is not None,
+                                     device=acc.device), torch.tensor(stop.stop_file.exists(), device=acc.device)])
+                diverged, signalled, stop_file = (acc.reduce(flags.float(), "sum") > 0).tolist()
                 if diverged:
                     good = checkpoint.complete_checkpoints(ckpt_root)
                     acc.end_training()
                     raise TrainingDiverged(
                         f"non-finite loss or weights by step {state.step} (checked every {cfg.train.sync_every} "
                         f"steps); last good checkpoint: {good[-1] if good else 'none'}; nothing was saved after it")
-                if stop_now and not last:
-                    stopped_by = stop.signalled or "STOP file"
+                if (signalled or stop_file) and not last:
+                    stopped_by = "signal" if signalled else "STOP file"
                     last = will_save = True
 
             if state.step % cfg.log.every == 0 or last:
@@ -234,7 +232,7 @@ def train(cfg: Config) -> dict:
                "num_processes": acc.num_processes, "rank": acc.process_index, "main": main,
                "stopped_by": stopped_by, "models": (acc.unwrap_model(nets.G), acc.unwrap_model(nets.D))}
     if main:
-        (run_dir / "STOP").unlink(missing_ok=True)
+        stop.stop_file.unlink(missing_ok=True)
         write_gif(run_dir / "samples")
         offline_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
         if mode == "offline" and offline_runs:

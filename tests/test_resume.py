@@ -1,0 +1,226 @@
+"""Runs that survive: exact resume after kill -9 or a signal, SLURM scripts, NaN guard, hostile inputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, accelerate_launch
+from dcgan_dist.config import load_config
+from dcgan_dist.errors import UserError
+from dcgan_dist.train import train
+
+STANDINS = Path(__file__).parent / "slurm_standins"
+STEPS = 40
+# Slow enough to stop mid-run, one loader worker per rank (its position must survive too).
+RESUMABLE = [f"train.max_steps={STEPS}", "train.sync_every=1", "checkpoint.every=5", "log.every=1",
+             "log.sample_every=10", "data.workers=1", "train.batch_size=32", "model.ngf=16", "model.ndf=16"]
+
+
+def launch_cmd(config, *overrides):
+    from accelerate.test_utils import get_torch_dist_unique_port
+    args = [a for o in overrides for a in ("--set", o)]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            str(get_torch_dist_unique_port()), str(ROOT / "launch" / "train.py"), "--config", str(config), *args]
+
+
+def env():
+    e = {**os.environ, "OMP_NUM_THREADS": "1"}
+    e.pop("CUDA_VISIBLE_DEVICES", None)
+    return e
+
+
+def final_weights(run: Path) -> dict:
+    ckpt = run / "checkpoints" / f"step_{STEPS:08d}"
+    return {**{f"G.{k}": v for k, v in load_file(ckpt / "model.safetensors").items()},
+            **{f"D.{k}": v for k, v in load_file(ckpt / "model_1.safetensors").items()}}
+
+
+def assert_bitwise_equal(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def last_step(run: Path) -> int:
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return json.loads(lines[-1])["step"] if lines else 0
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def wait_for_step(proc, run: Path, step: int, timeout: float = 120):
+    t0 = time.time()
+    while last_step(run) < step:
+        assert proc.poll() is None, f"run ended before step {step}:\n{proc.communicate()[1][-3000:]}"
+        assert time.time() - t0 < timeout, "run too slow"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, tmp_path_factory):
+    """The same run, never stopped."""
+    runs = tmp_path_factory.mktemp("ref")
+    subprocess.run(launch_cmd(tiny, f'runs_dir="{runs}"', *RESUMABLE), check=True, capture_output=True, env=env(),
+                   timeout=300)
+    return final_weights(runs / "tiny")
+
+
+@pytest.mark.parametrize("kill_after", [3, 12, 27])
+def test_kill_9_then_resume_matches_the_uninterrupted_run(tiny, reference, tmp_path, kill_after):
+    cmd = launch_cmd(tiny, f'runs_dir="{tmp_path}"', *RESUMABLE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    wait_for_step(proc, tmp_path / "tiny", kill_after)
+    # kill -9 the whole tree, as SLURM's cgroup kill does: torchrun starts each rank in its own session,
+    # so killing the launcher's process group alone would leave the ranks running.
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:
+        p.kill()
+    psutil.wait_procs(tree, timeout=30)
+    proc.wait()
+    killed_at = last_step(tmp_path / "tiny")
+    assert killed_at < STEPS
+    complete = [p for p in (tmp_path / "tiny" / "checkpoints").glob("step_*") if not p.name.endswith(".tmp")]
+    t0 = time.time()
+    p = subprocess.run(launch_cmd(tiny, f'runs_dir="{tmp_path}"', *RESUMABLE), check=True, capture_output=True,
+                       text=True, env=env(), timeout=300)
+    print(f"killed after step {killed_at}; resumed run took {time.time() - t0:.1f}s")
+    if complete:                                               # it really resumed, from the newest complete one
+        assert f"resumed from {max(complete)} " in p.stderr
+    else:
+        assert "resumed from" not in p.stderr
+    assert_bitwise_equal(final_weights(tmp_path / "tiny"), reference)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))                  # redone steps replace their old rows
+
+
+def test_signal_to_one_rank_stops_all_at_one_step_and_sbatch_requeues(tiny, reference, tmp_path):
+    """The SLURM script with stand-in srun/scontrol/sbatch: USR1 to the batch shell -> STOP file -> every
+    rank stops at the same step after a checkpoint -> requeue; the requeued job finishes bitwise equal."""
+    log = tmp_path / "slurm.log"
+    e = {**env(), "PATH": f"{STANDINS}:{os.environ['PATH']}", "STANDIN_LOG": str(log), "GPUS_PER_NODE": "2",
+         "PYTHON": sys.executable, "SLURM_JOB_ID": "4242"}
+    sbatch = ["sbatch", "launch/slurm/train.sbatch", str(tiny), "--set", f"runs_dir={tmp_path}",
+              *[a for o in RESUMABLE for a in ("--set", o)]]
+    proc = subprocess.Popen(sbatch, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "tiny"
+    wait_for_step(proc, run, 8)
+    os.kill(proc.pid, signal.SIGUSR1)                          # what --signal=B:USR1@300 does
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    stopped = last_step(run)
+    assert f"stopped by STOP file at step {stopped} after a checkpoint" in out
+    assert (run / "checkpoints" / f"step_{stopped:08d}").is_dir() and stopped < STEPS
+    calls = log.read_text().splitlines()
+    assert calls[-1] == "scontrol requeue 4242"
+    srun = next(c for c in calls if c.startswith("srun"))
+    assert "--kill-on-bad-exit=1" in srun and "--machine_rank $SLURM_NODEID" in srun
+    assert "--main_process_port 24242" in srun and "--num_processes 2" in srun
+    assert not (ROOT / ".dcgan-stop-4242").exists()
+
+    subprocess.run(sbatch, cwd=ROOT, env=e, check=True, capture_output=True, timeout=300)   # the requeued job
+    assert_bitwise_equal(final_weights(run), reference)
+    assert log.read_text().splitlines()[-1] != "scontrol requeue 4242"         # finished: no second requeue
+
+
+def test_sigterm_to_one_worker_stops_every_rank(tiny, tmp_path):
+    proc = subprocess.Popen(launch_cmd(tiny, f'runs_dir="{tmp_path}"', *RESUMABLE), env=env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_step(proc, tmp_path / "tiny", 4)
+    ranks = psutil.Process(proc.pid).children()
+    assert len(ranks) == 2
+    ranks[1].send_signal(signal.SIGTERM)                        # one rank only
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    stopped = last_step(tmp_path / "tiny")
+    assert f"stopped by signal at step {stopped}" in out
+    assert [p.name for p in (tmp_path / "tiny" / "checkpoints").iterdir()][-1] == f"step_{stopped:08d}"
+
+
+def test_nan_on_one_rank_stops_every_rank_naming_step_and_checkpoint(tiny, tmp_path):
+    cmd = launch_cmd(tiny, f'runs_dir="{tmp_path}"', "train.max_steps=30", "train.sync_every=4",
+                     "checkpoint.every=5", "log.every=100")
+    p = subprocess.run(cmd, env={**env(), "DCGAN_DIST_FAULT": "nan@13@1"}, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode != 0
+    messages = [line for line in p.stderr.splitlines() if line.startswith("error: non-finite")]
+    good = tmp_path / "tiny" / "checkpoints" / "step_00000010"
+    assert messages == [f"error: non-finite loss or weights by step 15 (checked every 4 steps); last good "
+                        f"checkpoint: {good}; nothing was saved after it"] * 2      # both ranks, same step
+    assert sorted(x.name for x in (tmp_path / "tiny" / "checkpoints").iterdir()) == ["step_00000005", "step_00000010"]
+
+
+def test_nan_guard_single_process_exit_code(tiny, tmp_path, cli):
+    p = cli("train.py", "--config", tiny, "--set", f'runs_dir="{tmp_path}"', "--set", "train.sync_every=1",
+            check=False, env={"DCGAN_DIST_FAULT": "nan@2"})
+    assert p.returncode == 3 and "non-finite loss or weights by step 2" in p.stderr
+
+
+def test_damaged_newest_checkpoint_falls_back_with_a_warning(tiny, tmp_path, caplog):
+    base = [f'runs_dir="{tmp_path}"', "checkpoint.every=2"]
+    train(load_config(tiny, base + ["train.max_steps=4"]))
+    ckpt = tmp_path / "tiny" / "checkpoints"
+    (ckpt / "step_00000004" / "optimizer.bin").write_bytes(b"truncated")
+    (ckpt / "step_00000006.tmp").mkdir()                        # a save killed midway
+    summary = train(load_config(tiny, base + ["train.max_steps=6"]))
+    assert "checkpoint " + str(ckpt / "step_00000004") + " is damaged" in caplog.text
+    assert summary["step"] == 6
+    rows = [json.loads(line)["step"] for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [2, 4, 6]                                    # resumed at 2: step 4 redone
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_00000002", "step_00000004", "step_00000006"]
+
+
+def test_keep_last_k_plus_milestones(tiny, tmp_path):
+    train(load_config(tiny, [f'runs_dir="{tmp_path}"', "train.max_steps=12", "checkpoint.every=2",
+                             "checkpoint.keep=2", "checkpoint.milestone_every=4"]))
+    assert sorted(p.name for p in (tmp_path / "tiny" / "checkpoints").iterdir()) == [
+        "step_00000004", "step_00000008", "step_00000010", "step_00000012"]
+
+
+def test_checkpoint_of_another_model_size_is_a_clear_error_and_kept(tiny, tmp_path):
+    train(load_config(tiny, [f'runs_dir="{tmp_path}"', "train.max_steps=2"]))
+    ckpt = tmp_path / "tiny" / "checkpoints" / "step_00000002"
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    with pytest.raises(UserError, match=r"generator tensor net\.0\.weight has shape \(16, 32, 4, 4\) but the "
+                                        r"config builds \(16, 64, 4, 4\)"):
+        train(load_config(tiny, [f'runs_dir="{tmp_path}"', "train.max_steps=4", "model.ngf=16"]))
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+
+
+def test_unwritable_run_directory_is_a_one_line_error(tiny, tmp_path, cli):
+    (tmp_path / "file").write_text("not a folder")
+    p = cli("train.py", "--config", tiny, "--set", f'runs_dir="{tmp_path / "file"}"', check=False)
+    assert p.returncode == 2 and p.stderr.strip().startswith(f"error: run directory {tmp_path / 'file' / 'tiny'}")
+    assert p.stderr.strip().count("\n") == 0
+
+
+def test_truncated_shard_is_refused_before_training(tiny, tmp_path, cli):
+    import shutil
+    cfg = load_config(tiny)
+    shutil.copytree(cfg.data.shards, tmp_path / "shards")
+    shard = tmp_path / "shards" / "shard-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:10000])
+    p = cli("train.py", "--config", tiny, "--set", f'runs_dir="{tmp_path}"', "--set",
+            f'data.shards="{tmp_path / "shards"}"', check=False, timeout=60)
+    assert p.returncode == 2 and "shard-000000.tar: 10000 bytes, manifest says" in p.stderr
+    assert not (tmp_path / "tiny" / "checkpoints").exists()
+
+
+def test_offline_wandb_prints_sync_and_no_file_holds_the_api_key(tiny, tmp_path, cli):
+    key = "0123456789abcdef0123456789abcdef01234567"
+    p = cli("train.py", "--config", tiny, "--set", f'runs_dir="{tmp_path}"', "--set", 'log.wandb="offline"',
+            env={"WANDB_API_KEY": key, "WANDB_MODE": "offline"})
+    assert "W&B ran offline; upload with: wandb sync " + str(tmp_path / "tiny" / "wandb" / "offline-run-") in p.stdout
+    for f in (tmp_path / "tiny").rglob("*"):
+        if f.is_file():
+            assert key.encode() not in f.read_bytes(), f
