@@ -145,3 +145,47 @@ def test_models_match_the_paper_shapes_and_init():
         x = Generator(16, 8, 1, res)(torch.randn(2, 16))
         assert x.shape == (2, 1, res, res) and x.abs().max() <= 1
         assert Discriminator(8, 1, res)(x).shape == (2,)
+
+
+def test_loss_values_on_known_logits():
+    import math
+    from dcgan_dist.losses import d_loss, d_targets, g_loss
+    zero = torch.zeros(4)
+    t_real, t_fake = d_targets(4, 1.0, 0.0, "cpu")
+    assert d_loss("bce", zero, zero, t_real, t_fake).item() == pytest.approx(2 * math.log(2))
+    assert g_loss("bce", zero).item() == pytest.approx(math.log(2))
+    assert d_loss("hinge", torch.ones(4), -torch.ones(4), t_real, t_fake).item() == 0.0
+    assert g_loss("hinge", torch.full((4,), 3.0)).item() == -3.0
+    assert d_loss("lsgan", torch.ones(4), zero, t_real, t_fake).item() == 0.0
+    assert g_loss("lsgan", zero).item() == 0.5
+
+
+def test_label_smoothing_and_flips():
+    from dcgan_dist.losses import d_targets
+    t_real, t_fake = d_targets(1000, 0.9, 0.0, "cpu")
+    assert (t_real == 0.9).all() and (t_fake == 0).all()
+    t_real, t_fake = d_targets(1000, 0.9, 1.0, "cpu")
+    assert (t_real == 0).all() and (t_fake == 0.9).all()
+    torch.manual_seed(0)
+    t_real, _ = d_targets(10000, 1.0, 0.1, "cpu")
+    assert 800 < (t_real == 0).sum() < 1200
+
+
+def test_tricks_train_and_instance_noise_anneals(tiny, tmp_path):
+    cfg = load_config(tiny, [f'runs_dir="{tmp_path}"', 'loss.kind="hinge"', "loss.real_label=0.9", "loss.flip_prob=0.1",
+                             "loss.instance_noise=0.2", "loss.instance_noise_steps=4", "loss.d_steps=2",
+                             "log.every=1"])
+    summary = train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["instance_noise"] for r in rows] == pytest.approx([0.2, 0.15, 0.1, 0.05, 0.0, 0.0])
+    assert all(np.isfinite(r["loss_d"]) for r in rows)
+    assert summary["step"] == 6 and rows[-1]["epoch"] == 0
+    # two D batches per step: the loader advanced 12 batches for 6 steps
+    state = json.loads((tmp_path / "tiny" / "checkpoints" / "step_00000006" / "train_state.json").read_text())
+    assert state["loader_batches"] == 12
+
+
+def test_max_epochs_stops_at_the_epoch_boundary(tiny, tmp_path):
+    summary = train(load_config(tiny, [f'runs_dir="{tmp_path}"', "train.max_steps=1000", "train.max_epochs=1",
+                                       "log.every=50"]))
+    assert summary["step"] == 1797 // 16 and summary["epoch"] == 1
