@@ -153,10 +153,11 @@ def test_nan_on_one_rank_stops_every_rank_naming_step_and_checkpoint(tiny, tmp_p
     p = subprocess.run(cmd, env={**env(), "DCGAN_DIST_FAULT": "nan@13@1"}, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode != 0
-    messages = [line for line in p.stderr.splitlines() if line.startswith("error: non-finite")]
     good = tmp_path / "tiny" / "checkpoints" / "step_00000010"
-    assert messages == [f"error: non-finite loss or weights by step 15 (checked every 4 steps); last good "
-                        f"checkpoint: {good}; nothing was saved after it"] * 2      # both ranks, same step
+    message = (f"error: non-finite loss or weights by step 15 (checked every 4 steps); last good "
+               f"checkpoint: {good}; nothing was saved after it")
+    assert p.stderr.count(message) == 2                         # both ranks (their lines may interleave)
+    assert p.stderr.count("error: non-finite") == 2
     assert sorted(x.name for x in (tmp_path / "tiny" / "checkpoints").iterdir()) == ["step_00000005", "step_00000010"]
 
 

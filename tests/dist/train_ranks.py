@@ -67,3 +67,7 @@ else:
               "d_grads_left": sum(p.grad is not None for p in nets.D.parameters())}
 with open(f"{out}.rank{rank}.json", "w") as f:
     json.dump(result, f)
+if mode != "train":
+    # tear the group down before interpreter exit: with a comm hook registered, gloo otherwise sometimes
+    # aborts at exit ("terminate called without an active exception")
+    acc.end_training()
