@@ -75,7 +75,8 @@ class TrainConfig:
 @dataclass
 class LogConfig:
     every: int = 50                      # scalars to W&B and metrics.jsonl every N steps
-    sample_every: int = 500              # fixed-noise grid every N steps
+    sample_every: int = 500              # fixed-noise grid every N steps (a multiple of log.every: a grid
+                                         # logged at a step without scalars got a W&B media name one step early)
     n_samples: int = 64                  # images in the grid
     wandb: str = "auto"                  # online | offline | disabled | auto
     project: str = "dcgan_dist"

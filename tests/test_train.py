@@ -44,15 +44,19 @@ def test_g_step_does_not_all_reduce_or_compute_d_gradients(tiny, tmp_path):
 
 def test_two_process_offline_run_makes_one_wandb_run_and_rank0_outputs(tiny, tmp_path):
     runs = tmp_path / "runs"
-    launch("train", tmp_path / "w", tiny, f'runs_dir="{runs}"', 'name="w"', 'log.wandb="offline"')
+    launch("train", tmp_path / "w", tiny, f'runs_dir="{runs}"', 'name="w"', 'log.wandb="offline"', "log.every=1")
     run = runs / "w"
     offline = list((run / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
     assert len(list(offline[0].glob("run-*.wandb"))) == 1
+    media = sorted(int(p.name.split("_")[1]) for p in (offline[0] / "files" / "media" / "images").glob("samples_*.png"))
+    # the grids reached W&B at their steps (W&B names a media file by its history step; a grid logged at
+    # a step with no scalars was seen named after the previous step, hence log.every=1 here)
+    assert media == [3, 6]
     assert sorted(p.name for p in (run / "samples").iterdir()) == [
         "progress.gif", "step_00000003.png", "step_00000006.png"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [2, 4, 6]                  # written once, by rank 0
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]        # written once, by rank 0
     for key in ("loss_d", "loss_g", "d_real", "d_fake", "scale_d", "skipped_d", "images_per_s", "s_per_step"):
         assert key in rows[0]
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000006"]
