@@ -36,6 +36,13 @@ def accelerate_launch(script: Path, *args, num_processes: int = 2, timeout: int 
     return proc
 
 
+def launch_ranks(script: Path, *args, out: Path) -> list[dict]:
+    """accelerate_launch a tests/dist script that writes `{out}.rank{r}.json`; return both ranks' JSON."""
+    import json
+    accelerate_launch(script, *args)
+    return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)]
+
+
 @pytest.fixture
 def cli():
     return run_cli

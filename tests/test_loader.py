@@ -1,7 +1,6 @@
 """The streaming loader: equal batches on every rank, coverage, exact resume, bad shards."""
 
 import itertools
-import json
 import logging
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import accelerate_launch
+import conftest
 from dcgan_dist.data import ShardLoader, load_manifest, to_device
 from dcgan_dist.data.shards import MANIFEST
 from dcgan_dist.data.synthetic import image_index, write_indexed_shards
@@ -68,8 +67,7 @@ def test_batches_mix_many_chunks(tmp_path):
 
 
 def launch_ranks(shards, out, batch, workers, seed, epochs):
-    accelerate_launch(DIST, shards, out, batch, workers, seed, epochs)
-    return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)]
+    return conftest.launch_ranks(DIST, shards, out, batch, workers, seed, epochs, out=out)
 
 
 def test_two_ranks_two_workers_even_shards_cover_each_image_once(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import accelerate_launch
+from conftest import launch_ranks
 from dcgan_dist.config import load_config
 from dcgan_dist.errors import UserError
 from dcgan_dist.train import train
@@ -17,8 +17,7 @@ SCRIPT = Path(__file__).parent / "dist" / "train_ranks.py"
 
 
 def launch(mode, out, config, *overrides):
-    accelerate_launch(SCRIPT, mode, out, config, *overrides)
-    return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)]
+    return launch_ranks(SCRIPT, mode, out, config, *overrides, out=out)
 
 
 def test_two_ranks_hold_bitwise_equal_weights_and_runs_reproduce(tiny, tmp_path):

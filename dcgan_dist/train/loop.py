@@ -186,9 +186,9 @@ def train(cfg: Config) -> dict:
 
             # --- sync point: every rank learns, at the same step, whether any rank diverged or was told to stop.
             if will_save or state.step % cfg.train.sync_every == 0:
-                weights_bad = any(~torch.isfinite(p).all() for p in nets.G.parameters()) or \
-                    any(~torch.isfinite(p).all() for p in nets.D.parameters())
-                flags = torch.stack([nonfinite | bool(weights_bad), torch.tensor(stop.signalled is not None,
+                params = [*nets.G.parameters(), *nets.D.parameters()]
+                weights_ok = torch.stack([torch.isfinite(p).all() for p in params]).all()   # no host sync
+                flags = torch.stack([nonfinite | ~weights_ok, torch.tensor(stop.signalled is not None,
                                      device=acc.device), torch.tensor(stop.stop_file.exists(), device=acc.device)])
                 diverged, signalled, stop_file = (acc.reduce(flags.float(), "sum") > 0).tolist()
                 if diverged:
