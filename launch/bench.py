@@ -4,6 +4,8 @@
       training images/s (one process): fp32/bf16/fp16 x channels_last on/off x 32/64 px on synthetic
       on-device batches, plus torch.compile, the shard loader, and the textbook loop
       (pytorch/examples dcgan: Sigmoid + BCELoss, separate real/fake backwards, D grads in the G step)
+  python launch/bench.py checkpoint [--resolution 64]
+      size, save time and resume (find + load) time of a full checkpoint of the default DCGAN
 
   python launch/bench.py data --shards DIR [--batch-size 128] [--batches 300]
       loader images/s for one worker process (and in-process), from existing shards
@@ -196,6 +198,35 @@ def cmd_train(a) -> None:
             print(f"64 px fp32, channels_last={cl}: dcgan_dist step is {s / t:.2f}x the textbook loop's speed")
 
 
+def cmd_checkpoint(a) -> None:
+    from accelerate import Accelerator
+
+    from dcgan_dist.config import load_config
+    from dcgan_dist.train import checkpoint
+    from dcgan_dist.train.checkpoint import TrainState
+    from dcgan_dist.train.loop import build
+
+    cfg = load_config(None, [f"data.resolution={a.resolution}", 'train.precision="fp16"'])
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    nets = build(acc, cfg)
+    for opt, model in ((nets.opt_g, nets.G), (nets.opt_d, nets.D)):   # one step: Adam state exists
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+    state = TrainState(torch.randn(64, cfg.model.latent))
+    state.step = 1000
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        path = checkpoint.save(acc, nets, state, Path(tmp), "", 3, 0)
+        saved = time.perf_counter() - t0
+        size = sum(f.stat().st_size for f in path.iterdir())
+        t0 = time.perf_counter()
+        checkpoint.resume("auto", Path(tmp), acc, nets, TrainState(torch.zeros(1)))
+        loaded = time.perf_counter() - t0
+    print(f"{a.resolution}-px DCGAN checkpoint: {size / 1e6:.1f} MB; save {saved:.2f} s; "
+          f"resume (find + load) {loaded:.2f} s")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -211,11 +242,10 @@ def main(argv=None) -> int:
     t.add_argument("--warmup", type=int, default=2)
     t.add_argument("--workers", type=int, default=1, help="loader workers for the shard-fed row")
     t.add_argument("--full", action="store_true", help="torch.compile on every row, not only 64 px fp32")
+    c = sub.add_parser("checkpoint", help="checkpoint size, save and resume time")
+    c.add_argument("--resolution", type=int, default=64)
     a = p.parse_args(argv)
-    if a.cmd == "data":
-        cmd_data(a)
-    else:
-        cmd_train(a)
+    {"data": cmd_data, "train": cmd_train, "checkpoint": cmd_checkpoint}[a.cmd](a)
     return 0
 
 
