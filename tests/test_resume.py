@@ -225,3 +225,14 @@ def test_offline_wandb_prints_sync_and_no_file_holds_the_api_key(tiny, tmp_path,
     for f in (tmp_path / "tiny").rglob("*"):
         if f.is_file():
             assert key.encode() not in f.read_bytes(), f
+
+
+def test_resumed_run_continues_the_same_wandb_run(tiny, tmp_path):
+    base = [f'runs_dir="{tmp_path}"', 'log.wandb="offline"', "checkpoint.every=2"]
+    train(load_config(tiny, base + ["train.max_steps=2"]))
+    train(load_config(tiny, base + ["train.max_steps=4"]))
+    segments = sorted((tmp_path / "tiny" / "wandb").glob("offline-run-*"))
+    assert len(segments) == 2
+    ids = {p.name.rsplit("-", 1)[1] for p in segments}
+    saved = json.loads((tmp_path / "tiny" / "checkpoints" / "step_00000004" / "train_state.json").read_text())
+    assert ids == {saved["wandb_id"]} and len(saved["wandb_id"]) == 12
