@@ -236,3 +236,13 @@ def test_resumed_run_continues_the_same_wandb_run(tiny, tmp_path):
     ids = {p.name.rsplit("-", 1)[1] for p in segments}
     saved = json.loads((tmp_path / "tiny" / "checkpoints" / "step_00000004" / "train_state.json").read_text())
     assert ids == {saved["wandb_id"]} and len(saved["wandb_id"]) == 12
+
+
+def test_stop_file_single_process_checkpoints_and_exits_75(tiny, tmp_path, cli):
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "STOP").touch()
+    p = cli("train.py", "--config", tiny, "--set", f'runs_dir="{tmp_path}"', "--set", "train.sync_every=1",
+            check=False)
+    assert p.returncode == 75 and "stopped by STOP file at step 1 after a checkpoint" in p.stdout
+    assert [x.name for x in (tmp_path / "tiny" / "checkpoints").iterdir()] == ["step_00000001"]
+    assert not (tmp_path / "tiny" / "STOP").exists()
