@@ -90,44 +90,37 @@ class _ShardStream(IterableDataset):
         ends = np.cumsum(self.sizes[order])
         lo = slot * self.slot_len + w * self.window_batches * self.B
         hi = min(lo + self.window_batches * self.B, (slot + 1) * self.slot_len)
-        images, labels, bad = [], [], 0
+        pieces: list = []                  # (images, labels) per chunk piece, or an int: places of a corrupt one
         first = int(np.searchsorted(ends, lo, side="right"))
         for pos in range(first, len(order)):
             start = int(ends[pos] - self.sizes[order[pos]])
             if start >= hi:
                 break
             a, z = max(lo, start) - start, min(hi, int(ends[pos])) - start
-            piece = self._read(int(order[pos]))
-            if piece is None:
-                bad += 1
-                images.append(None)
-                labels.append(z - a)
-                continue
-            images.append(piece[0][a:z])
-            labels.append(piece[1][a:z])
+            chunk = self._read(int(order[pos]))
+            pieces.append(z - a if chunk is None else (chunk[0][a:z], chunk[1][a:z]))
         rng = np.random.default_rng([self.seed, epoch, slot, w])
+        bad = sum(isinstance(p, int) for p in pieces)
         if bad:
-            images, labels = self._fill_corrupt(images, labels, rng)
-        x, y = np.concatenate(images), np.concatenate(labels)
+            pieces = self._fill_corrupt(pieces, rng)
+        x, y = np.concatenate([p[0] for p in pieces]), np.concatenate([p[1] for p in pieces])
         perm = rng.permutation(len(x))
         return (x[perm], y[perm]), bad
 
-    def _fill_corrupt(self, images, labels, rng):
+    def _fill_corrupt(self, pieces: list, rng) -> list:
         """Keep the batch count exact: a corrupt chunk's places are filled with repeats from the window."""
-        good_x = [x for x in images if x is not None]
-        if not good_x:
+        good = [p for p in pieces if not isinstance(p, int)]
+        if not good:
             raise RuntimeError(f"{self.root}: every chunk of a loader window is corrupt; "
                                f"re-create the shards (see the warnings above)")
-        pool_x = np.concatenate(good_x)
-        pool_y = np.concatenate([y for x, y in zip(images, labels) if x is not None])
-        out_x, out_y = [], []
-        for x, y in zip(images, labels):
-            if x is None:
-                pick = rng.integers(0, len(pool_x), size=y)
-                x, y = pool_x[pick], pool_y[pick]
-            out_x.append(x)
-            out_y.append(y)
-        return out_x, out_y
+        pool_x, pool_y = np.concatenate([x for x, _ in good]), np.concatenate([y for _, y in good])
+        filled = []
+        for p in pieces:
+            if isinstance(p, int):
+                pick = rng.integers(0, len(pool_x), size=p)
+                p = (pool_x[pick], pool_y[pick])
+            filled.append(p)
+        return filled
 
     def _read(self, index: int):
         name, chunk = self.chunks[index]

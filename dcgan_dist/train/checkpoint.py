@@ -119,25 +119,19 @@ def resume(resume: str, root: Path, acc, nets, state: TrainState) -> Path | None
     rather than silently starting over when none loads); ``never``: none; else that checkpoint path."""
     if resume == "never":
         return None
-    if resume != "auto":
-        path = Path(resume)
-        if not path.is_dir():
-            raise UserError(f"checkpoint.resume = {resume!r}: no such checkpoint folder")
-        try:
-            load(path, acc, nets, state)
-        except UserError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any failure to read is damage
-            raise UserError(f"checkpoint {path} is damaged ({type(e).__name__}: {e})") from None
-        return path
-    candidates = complete_checkpoints(root)
+    explicit = resume != "auto"
+    candidates = [Path(resume)] if explicit else complete_checkpoints(root)
+    if explicit and not candidates[0].is_dir():
+        raise UserError(f"checkpoint.resume = {resume!r}: no such checkpoint folder")
     for path in reversed(candidates):
         try:
             load(path, acc, nets, state)
             return path
         except UserError:
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - any failure to read is damage
+            if explicit:
+                raise UserError(f"checkpoint {path} is damaged ({type(e).__name__}: {e})") from None
             if acc.is_main_process:
                 log.warning("checkpoint %s is damaged (%s: %s); trying the previous one", path, type(e).__name__,
                             str(e)[:200])
