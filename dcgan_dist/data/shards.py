@@ -9,8 +9,13 @@ Each tar sample is one chunk of up to ``chunk_size`` images already at the train
 Why chunks of raw pixels rather than one PNG per image: per-member tar iteration and PNG decoding
 cost ~100-300 us of Python per image (about 3,000 images/s per core at 64 px); a chunk costs one read
 and one memcpy for hundreds of images, which is what lets one loader worker feed a GPU. The files stay
-ordinary WebDataset shards (``wds.WebDataset(urls).decode()`` reads them), and the manifest records
-each member's byte offset so the loader can read any chunk directly.
+ordinary WebDataset tars, and the manifest records each member's byte offset so the loader can read any
+chunk directly.
+
+Shards are data, never code: only the three members above are decoded (npy without pickles, JSON), any
+other member is refused, and shard names in the manifest are plain file names inside the shard folder
+(no paths, no URLs: webdataset would run a ``pipe:`` name as a shell command). Do not read untrusted
+shards with ``wds.WebDataset(...).decode()``: its default decoders unpickle ``.pkl`` members.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 from pathlib import Path
 from typing import Iterator
@@ -84,7 +90,7 @@ def _fsync(path: Path) -> None:
 
 def load_manifest(root: str | Path, verify: str = "size", resolution: int | None = None,
                   channels: int | None = None) -> dict:
-    """Read ``root/manifest.json`` and check the shards against it before any training starts.
+    """Read ``root/manifest.json``, check its shape, and check the shards against it before training.
 
     ``verify``: ``"size"`` (every shard exists with the recorded byte size; instant) or ``"sha256"``
     (also hash every shard). ``resolution``/``channels``: what the run expects; a mismatch is an error.
@@ -96,11 +102,13 @@ def load_manifest(root: str | Path, verify: str = "size", resolution: int | None
             if (root / "prepare_state.json").exists() else ""
         raise UserError(f"{path}: no manifest; create shards with launch/prepare_data.py{hint}")
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        manifest = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:       # ValueError: invalid JSON or not UTF-8
         raise UserError(f"{path}: unreadable manifest ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise UserError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}; re-create the shards")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise UserError(f"{path}: format {got!r} is not {FORMAT!r}; re-create the shards")
+    check_manifest(manifest, path)
     for key, want in (("resolution", resolution), ("channels", channels)):
         if want is not None and manifest[key] != want:
             raise UserError(f"{path}: shards are {key} {manifest[key]} but the run asks for {want}; "
@@ -117,6 +125,64 @@ def load_manifest(root: str | Path, verify: str = "size", resolution: int | None
         if verify == "sha256" and sha256_file(f) != shard["sha256"]:
             raise UserError(f"{f}: sha256 differs from the manifest (corrupted); re-create the shards")
     return manifest
+
+
+# A shard is a plain file name inside the shard folder: no path separators, no "..", no URL scheme
+# (webdataset would run "pipe:CMD" as a shell command), nothing hidden.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.tar$")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_manifest(m: dict, path: Path) -> None:
+    """Refuse a manifest of the wrong shape with one line naming the field (never a KeyError later)."""
+    def bad(field: str, what: str):
+        raise UserError(f"{path}: invalid manifest: {field} {what}; re-create the shards with prepare_data.py")
+
+    for key in ("resolution", "channels", "num_images"):
+        if not _is_int(m.get(key)) or m[key] < (0 if key == "num_images" else 1):
+            bad(key, f"must be a positive integer, got {m.get(key)!r}")
+    if m["channels"] not in (1, 3):
+        bad("channels", f"must be 1 or 3, got {m['channels']!r}")
+    if not isinstance(m.get("shards"), list):
+        bad("shards", f"must be a list, got {type(m.get('shards')).__name__}")
+    total = 0
+    for i, s in enumerate(m["shards"]):
+        where = f"shards[{i}]"
+        if not isinstance(s, dict):
+            bad(where, "must be an object")
+        name = s.get("name")
+        if not isinstance(name, str) or not SAFE_NAME.match(name) or ".." in name:
+            # the name is not echoed in full: it may be a path the manifest's author wants disclosed
+            bad(f"{where}.name", "is not a plain .tar file name inside the shard folder (no paths, no URLs)")
+        for key in ("num_images", "bytes"):
+            if not _is_int(s.get(key)) or s[key] < 0:
+                bad(f"{where}.{key}", f"must be a non-negative integer, got {s.get(key)!r}")
+        if not isinstance(s.get("sha256"), str):
+            bad(f"{where}.sha256", "must be a string")
+        if not isinstance(s.get("chunks"), list):
+            bad(f"{where}.chunks", "must be a list")
+        n = 0
+        for j, c in enumerate(s["chunks"]):
+            cw = f"{where}.chunks[{j}]"
+            if not isinstance(c, dict) or not isinstance(c.get("key"), str):
+                bad(cw, "must be an object with a string key")
+            if not _is_int(c.get("n")) or c["n"] < 1:
+                bad(f"{cw}.n", f"must be a positive integer, got {c.get('n')!r}")
+            for member in ("images", "labels"):
+                v = c.get(member)
+                if not (isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x >= 0 for x in v)):
+                    bad(f"{cw}.{member}", f"must be [offset, size] of non-negative integers, got {v!r}")
+            if "crc32" in c and not _is_int(c["crc32"]):
+                bad(f"{cw}.crc32", f"must be an integer, got {c['crc32']!r}")
+            n += c["n"]
+        if n != s["num_images"]:
+            bad(f"{where}.num_images", f"is {s['num_images']} but its chunks hold {n}")
+        total += n
+    if total != m["num_images"]:
+        bad("num_images", f"is {m['num_images']} but the shards hold {total}")
 
 
 def read_chunk(f, chunk: dict, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -141,20 +207,40 @@ def _read_npy(f, offset: int, size: int) -> np.ndarray:
     return np.lib.format.read_array(io.BytesIO(buf), allow_pickle=False)
 
 
+MEMBERS = ("images.npy", "labels.npy", "keys.json")     # everything a shard may hold, per chunk
+
+
 def read_shards(path: str | Path, with_keys: bool = False) -> Iterator[tuple]:
     """Yield ``(uint8 H x W x C array, int label)`` (plus the source key) for every image, in stored order.
 
-    Reads through WebDataset itself, so it also shows the shards are plain WebDataset data.
+    Reads the tars with WebDataset's own tar iterator and sample grouping, but decodes only the members
+    the format defines (npy without pickles, JSON) and refuses any other member by name: webdataset's
+    default decoders would unpickle a ``.pkl`` member. Shards are opened as plain files, never as URLs.
     """
-    import webdataset as wds
+    from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    manifest = load_manifest(path)
-    urls = [str(Path(path) / s["name"]) for s in manifest["shards"]]
-    if not urls:
-        return
-    dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None,
-                             empty_check=False).decode()
-    for sample in dataset:
-        keys = sample["keys.json"]
-        for img, label, key in zip(sample["images.npy"], sample["labels.npy"], keys):
-            yield (img, int(label), key) if with_keys else (img, int(label))
+    root = Path(path)
+    manifest = load_manifest(root)
+    for shard in manifest["shards"]:
+        f = root / shard["name"]
+        with open(f, "rb") as stream:
+            for sample in group_by_keys(tar_file_expander([{"url": str(f), "stream": stream}])):
+                images, labels, keys = _decode_sample(sample, f)
+                for img, label, key in zip(images, labels, keys):
+                    yield (img, int(label), key) if with_keys else (img, int(label))
+
+
+def _decode_sample(sample: dict, shard: Path) -> tuple:
+    members = {k for k in sample if not k.startswith("__")}
+    extra = sorted(members - set(MEMBERS))
+    if extra or members != set(MEMBERS):
+        what = f"holds {sample['__key__']}.{extra[0]}" if extra else f"lacks a member of chunk {sample['__key__']}"
+        raise UserError(f"{shard}: {what}, which is not part of the dcgan_dist shard format "
+                        f"({', '.join(MEMBERS)}); refusing to read it")
+    try:
+        images = np.load(io.BytesIO(sample["images.npy"]), allow_pickle=False)
+        labels = np.load(io.BytesIO(sample["labels.npy"]), allow_pickle=False)
+        keys = json.loads(sample["keys.json"])
+    except ValueError as e:
+        raise UserError(f"{shard}: chunk {sample['__key__']} cannot be decoded ({e})") from None
+    return images, labels, keys
