@@ -89,7 +89,10 @@ class CheckpointConfig:
     every: int = 1000                    # steps between checkpoints (and one at the end)
     keep: int = 3                        # newest complete checkpoints kept
     milestone_every: int = 0             # also keep every checkpoint whose step is a multiple of this (0: none)
-    resume: str = "auto"                 # auto (newest complete) | never | a checkpoint path
+    resume: str = "auto"                 # auto (newest complete) | never | a checkpoint path (an older one of
+                                         # this run: the newer ones are moved to <run>/abandoned/, never deleted)
+    allow_changes: bool = False          # resume although batch size, seed, world size or data changed (the
+                                         # run is then no longer an exact continuation; the changes are logged)
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """The one exception type for mistakes a user can make and fix (bad path, bad config, bad data)."""
 
+import errno
+
 
 class UserError(Exception):
     """A problem the user can fix; entry points print it as one line and exit non-zero."""
@@ -13,3 +15,13 @@ class TrainingDiverged(UserError):
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
 EXIT_PREEMPTED = 75   # sysexits' EX_TEMPFAIL: stopped by a signal after a checkpoint; requeue to continue
+
+DISK_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
+               errno.EFBIG: "file size limit exceeded"}
+
+
+def disk_error(e: OSError, writing: str, hint: str = "free space and run the same command again") -> UserError | None:
+    """A UserError for a full/read-only/limited disk (something the user fixes), else None."""
+    if e.errno not in DISK_ERRORS:
+        return None
+    return UserError(f"{DISK_ERRORS[e.errno]} while writing {writing} ({e.strerror}); {hint}")

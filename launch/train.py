@@ -1,4 +1,9 @@
-"""Train a DCGAN: accelerate launch launch/train.py --config configs/lsun.toml [--set key=value ...]."""
+"""Train a DCGAN: accelerate launch launch/train.py --config configs/lsun.toml [--set key=value ...].
+
+For a clean one-line outcome and a meaningful exit code under a launcher, use launch/run.py in place of
+`accelerate launch` (same arguments). Exit codes: 0 done, 2 user error, 3 diverged, 75 stopped after a
+checkpoint (run again to continue; 0 under a launcher, whose wrapper reads the outcome file), 1 crash.
+"""
 
 import argparse
 import logging
@@ -6,17 +11,32 @@ import os
 import sys
 
 from dcgan_dist.config import load_config
-from dcgan_dist.errors import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USER_ERROR, TrainingDiverged, UserError
+from dcgan_dist.errors import TrainingDiverged, UserError, disk_error
+from dcgan_dist.runtime import (EXIT_DIVERGED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER_ERROR,
+                                die_with_parent, outcome_recorded, record_outcome)
+
+UNDER_LAUNCHER = "LOCAL_RANK" in os.environ
+
+
+def finish(code: int, message: str) -> int:
+    """Record the outcome (the first rank to do so prints it), return the exit code for this process."""
+    if record_outcome(code, message):
+        print(message, file=sys.stdout if code in (0, EXIT_PREEMPTED) else sys.stderr, flush=True)
+    if code == EXIT_PREEMPTED and UNDER_LAUNCHER:
+        return 0          # torchrun reports any non-zero exit as a crash; the outcome file says "stopped"
+    return code
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="TOML file (see configs/); defaults fill what it leaves out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set train.batch_size=64 (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config, data and model sizes; exit")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if UNDER_LAUNCHER:
+        die_with_parent()                     # no rank outlives its launcher
     try:
         cfg = load_config(a.config, a.set)
         if a.dry_run:
@@ -26,24 +46,32 @@ def main(argv=None) -> int:
         from dcgan_dist.train import train
         summary = train(cfg)
     except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_DIVERGED
+        return finish(EXIT_DIVERGED, f"error: {e}")
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    if summary["stopped_by"]:
-        if summary["main"]:
-            print(f"stopped by {summary['stopped_by']} at step {summary['step']} after a checkpoint; "
-                  f"run the same command again to continue")
-        # Under a launcher (torchrun / accelerate launch) a non-zero exit reads as a crashed worker and the
-        # launcher exits 1 with a traceback, so ranks exit 0 there; run directly, the stop is exit code 75.
-        return 0 if "LOCAL_RANK" in os.environ else EXIT_PREEMPTED
+        return finish(EXIT_USER_ERROR, f"error: {e}")
+    except KeyboardInterrupt:
+        return finish(EXIT_INTERRUPTED, "interrupted: stopped at once, without a checkpoint; run the same "
+                                        "command again to resume from the last one")
+    except OSError as e:
+        err = disk_error(e, e.filename or "a file", "free space and run the same command again to resume")
+        if err is None:
+            raise
+        return finish(EXIT_USER_ERROR, f"error: {err}")
+    except Exception as e:  # noqa: BLE001 - a crash: keep the traceback, unless it follows another rank's failure
+        if UNDER_LAUNCHER and outcome_recorded():
+            print(f"rank {os.environ.get('RANK')}: stopped because another rank failed ({type(e).__name__})",
+                  file=sys.stderr)
+            return EXIT_FAILED
+        record_outcome(EXIT_FAILED, f"error: crashed with {type(e).__name__}: {e} (traceback above)")
+        raise
     if not summary["main"]:
-        return 0
+        return 0                              # rank 0 reports for everyone
+    if summary["stopped_by"]:
+        return finish(EXIT_PREEMPTED, f"stopped by {summary['stopped_by']} at step {summary['step']} after a "
+                                      f"checkpoint; run the same command again to continue")
     if summary.get("sync_command"):
         print(f"W&B ran offline; upload with: {summary['sync_command']}")
-    print(f"done: step {summary['step']}, epoch {summary['epoch']}, run in {summary['run_dir']}")
-    return 0
+    return finish(0, f"done: step {summary['step']}, epoch {summary['epoch']}, run in {summary['run_dir']}")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def test_two_process_offline_run_makes_one_wandb_run_and_rank0_outputs(tiny, tmp
         assert key in rows[0]
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000006"]
     assert sorted(p.name for p in (run / "checkpoints" / "step_00000006").iterdir()) == [
-        "config.toml", "fixed_noise.safetensors", "model.safetensors", "model_1.safetensors", "optimizer.bin",
+        "checksums.json", "config.toml", "fixed_noise.safetensors", "model.safetensors", "model_1.safetensors", "optimizer.bin",
         "optimizer_1.bin", "random_states_0.pkl", "random_states_1.pkl", "train_state.json"]
     grid = np.asarray(Image.open(run / "samples" / "step_00000006.png"))
     assert grid.shape[:2] == (2 * 34 + 2, 8 * 34 + 2)              # 16 samples, 8 per row, 2-px padding

@@ -163,6 +163,7 @@ class ShardLoader:
                             f"lower the batch size or the number of workers")
         self.batches = start_batch
         self.corrupt_chunks = 0
+        self._it = None
         self._dl = DataLoader(self.stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                               prefetch_factor=prefetch_factor if num_workers else None,
                               persistent_workers=False, worker_init_fn=_ignore_stop_signals,
@@ -186,10 +187,19 @@ class ShardLoader:
     def state_dict(self) -> dict:
         return {"batches": self.batches}
 
+    def close(self) -> None:
+        """Stop the worker processes now. Call it in a ``finally``: the workers ignore SIGTERM (see
+        _ignore_stop_signals), so multiprocessing's exit handler, which terminates and joins them, would wait
+        forever for a loader still referenced by a traceback."""
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
     def __iter__(self):
         B, W = self.stream.B, self.num_slots
         pending: dict = {}                 # batch index -> batch, to restore the global order
-        for x, y, g, corrupt in self._dl:
+        self._it = iter(self._dl)
+        for x, y, g, corrupt in self._it:
             self.corrupt_chunks += corrupt
             for i in range(len(x) // B):
                 pending[g + i * W] = (x[i * B:(i + 1) * B], y[i * B:(i + 1) * B])

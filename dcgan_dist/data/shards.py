@@ -76,6 +76,14 @@ def write_shard(path: Path, chunks: list[tuple[str, np.ndarray, np.ndarray, list
     return entry
 
 
+def fingerprint(manifest: dict) -> str:
+    """Identifies a shard set by content (not by path): the same images in the same shards."""
+    h = hashlib.sha256(f"{manifest['resolution']}/{manifest['channels']}".encode())
+    for shard in manifest["shards"]:
+        h.update(shard["sha256"].encode())
+    return h.hexdigest()[:16]
+
+
 def write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))

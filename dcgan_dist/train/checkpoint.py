@@ -7,10 +7,14 @@ renamed when complete.
 Loading never unpickles arbitrary objects: models are safetensors, optimizers and RNG states go through
 Accelerate's weights-only ``torch.load``, and our own state (step, loader position, fixed noise, loss
 scalers, W&B id) is JSON + safetensors instead of Accelerate's pickled ``custom_checkpoint_*.pkl``.
+
+Integrity: ``checksums.json`` (written last) holds the sha256 of every other file; a missing, truncated or
+altered file (an RNG state included, which Accelerate itself would skip with an info-level log) is damage.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -21,12 +25,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..errors import UserError
+from ..errors import UserError, disk_error
 
 log = logging.getLogger("dcgan_dist")
 PATTERN = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "train_state.json"
 NOISE_FILE = "fixed_noise.safetensors"
+CHECKSUMS = "checksums.json"
 
 
 class TrainState:
@@ -39,15 +44,19 @@ class TrainState:
         self.skipped_g = 0
         self.fixed_noise = fixed_noise
         self.wandb_id = ""
+        self.world_size = 1
+        self.data = ""                # fingerprint of the shard set (shards.fingerprint)
 
     def to_json(self) -> dict:
         return {"step": self.step, "loader_batches": self.loader_batches, "skipped_d": self.skipped_d,
-                "skipped_g": self.skipped_g, "wandb_id": self.wandb_id}
+                "skipped_g": self.skipped_g, "wandb_id": self.wandb_id, "world_size": self.world_size,
+                "data": self.data}
 
     def load_json(self, d: dict) -> None:
         self.step, self.loader_batches = int(d["step"]), int(d["loader_batches"])
         self.skipped_d, self.skipped_g = int(d["skipped_d"]), int(d["skipped_g"])
         self.wandb_id = str(d["wandb_id"])
+        self.world_size, self.data = int(d.get("world_size", 0)), str(d.get("data", ""))
 
 
 def step_of(path: Path) -> int:
@@ -62,20 +71,34 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def save(acc, nets, state: TrainState, root: Path, config_toml: str, keep: int, milestone_every: int) -> Path:
-    """All ranks save into ``step_N.tmp`` (each its own RNG state); rank 0 adds our files, renames, prunes."""
+    """All ranks save into ``step_N.tmp`` (each its own RNG state); rank 0 adds our files and the checksums,
+    renames, prunes. A full disk removes the partial folder and leaves every complete checkpoint as it was."""
     final = root / f"step_{state.step:08d}"
     tmp = final.with_name(final.name + ".tmp")
-    if acc.is_main_process:
+    try:
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)
+        _injected_disk_full(state.step, acc.process_index, tmp)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            (tmp / "config.toml").write_text(config_toml)    # lets sample.py rebuild G without the run dir
+            save_file({"fixed_noise": state.fixed_noise.contiguous()}, str(tmp / NOISE_FILE))
+            scalers = {"scaler_g": nets.scaler_g.state_dict(), "scaler_d": nets.scaler_d.state_dict()}
+            (tmp / STATE_FILE).write_text(json.dumps({**state.to_json(), **scalers}, indent=1))
+            sums = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+            (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+    except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    acc.wait_for_everyone()
-    acc.save_state(str(tmp), safe_serialization=True)
-    acc.wait_for_everyone()
+        prev = complete_checkpoints(root)
+        err = disk_error(e, f"checkpoint {tmp}", f"the newest complete checkpoint ({prev[-1] if prev else 'none'}) "
+                                                 f"is untouched; free space and run the same command to resume from it")
+        if err is None:
+            raise
+        raise err from None
     if acc.is_main_process:
-        (tmp / "config.toml").write_text(config_toml)    # lets sample.py rebuild G without the run dir
-        save_file({"fixed_noise": state.fixed_noise.contiguous()}, str(tmp / NOISE_FILE))
-        scalers = {"scaler_g": nets.scaler_g.state_dict(), "scaler_d": nets.scaler_d.state_dict()}
-        (tmp / STATE_FILE).write_text(json.dumps({**state.to_json(), **scalers}, indent=1))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -84,6 +107,37 @@ def save(acc, nets, state: TrainState, root: Path, config_toml: str, keep: int, 
                 shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
     return final
+
+
+def _injected_disk_full(step: int, rank: int, where: Path) -> None:
+    """DCGAN_DIST_FAULT=enospc@STEP[@RANK]: the checkpoint at STEP fails as on a full disk (tests)."""
+    import errno
+    import os
+    kind, *rest = os.environ.get("DCGAN_DIST_FAULT", "").split("@")
+    if kind == "enospc" and int(rest[0]) == step and (len(rest) < 2 or int(rest[1]) == rank):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where / "model.safetensors"))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(path: Path) -> None:
+    """Raise ValueError naming the first file that is missing or differs from checksums.json (checkpoints
+    written before checksums existed are not verified)."""
+    if not (path / CHECKSUMS).is_file():
+        log.warning("%s has no %s (written by an older version): its files are not verified", path, CHECKSUMS)
+        return
+    sums = json.loads((path / CHECKSUMS).read_text())
+    for name, digest in sums.items():
+        if not (path / name).is_file():
+            raise ValueError(f"{name} missing")
+        if _sha256(path / name) != digest:
+            raise ValueError(f"{name} differs from its checksum (truncated or altered)")
 
 
 def _check_shapes(path: Path, acc, nets) -> None:
@@ -102,16 +156,23 @@ def _check_shapes(path: Path, acc, nets) -> None:
 
 def load(path: Path, acc, nets, state: TrainState) -> None:
     """Restore models, optimizers, every rank's RNG states, the scalers and our state from ``path``."""
-    for name in ("model.safetensors", "model_1.safetensors", STATE_FILE, NOISE_FILE):
+    for name in ("model.safetensors", "model_1.safetensors", STATE_FILE, NOISE_FILE,
+                 *(f"random_states_{i}.pkl" for i in range(acc.num_processes))):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{name} missing")
+    verify(path)
     _check_shapes(path, acc, nets)
     acc.load_state(str(path))
     saved = json.loads((path / STATE_FILE).read_text())
     state.load_json(saved)
     state.fixed_noise = load_file(str(path / NOISE_FILE))["fixed_noise"]
-    nets.scaler_g.load_state_dict(saved["scaler_g"])
-    nets.scaler_d.load_state_dict(saved["scaler_d"])
+    for name, scaler in (("scaler_g", nets.scaler_g), ("scaler_d", nets.scaler_d)):
+        # A disabled scaler (fp32/bf16) saves {}: resuming such a checkpoint in fp16 starts a fresh loss scale
+        # (and an fp16 checkpoint resumed in fp32/bf16 has no scale to restore).
+        if saved[name] and scaler.is_enabled():
+            scaler.load_state_dict(saved[name])
+        elif saved[name] or scaler.is_enabled():
+            log.info("precision changed since %s: %s starts with a fresh loss-scaler state", path, name)
 
 
 def resume(resume: str, root: Path, acc, nets, state: TrainState) -> Path | None:

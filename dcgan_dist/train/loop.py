@@ -5,9 +5,15 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
 import uuid
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 import torch
 from accelerate import Accelerator
@@ -16,10 +22,12 @@ from tqdm import tqdm
 
 from ..config import Config, to_toml
 from ..data import ShardLoader, load_manifest, to_device
+from ..data.shards import fingerprint
 from ..errors import TrainingDiverged, UserError
 from ..models import build_models, count_parameters
 from . import checkpoint
 from .checkpoint import TrainState
+from .rundir import RunLock, compare, preflight, roll_back
 from .step import Nets, d_only_step, gan_step, make_scalers
 from .tracking import MetricsFile, sample_grid, save_grid, wandb_mode, write_gif
 
@@ -67,10 +75,11 @@ def build(acc: Accelerator, cfg: Config) -> Nets:
 
 
 class StopRequest:
-    """SIGUSR1/SIGTERM to a training process, or a STOP file in the run directory (what the SLURM
-    scripts write when the batch shell gets its warning signal), request a checkpoint and a clean exit."""
+    """SIGUSR1/SIGTERM/SIGINT to a training process, or a STOP file in the run directory (what the SLURM
+    scripts write when the batch shell gets its warning signal), request a checkpoint and a clean exit.
+    A second SIGINT (Ctrl-C twice) stops at once: KeyboardInterrupt, no checkpoint."""
 
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, stop_file) -> None:
         self.stop_file = stop_file
@@ -87,144 +96,177 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signalled == "SIGINT":
+            raise KeyboardInterrupt
         self.signalled = signal.Signals(signum).name
 
 
-def _injected_fault(rank: int) -> int:
-    """DCGAN_DIST_FAULT=nan@STEP[@RANK]: make that rank's D loss NaN at STEP (tests of the NaN guard)."""
-    spec = os.environ.get("DCGAN_DIST_FAULT", "")
-    parts = spec.split("@")
-    if parts[0] == "nan" and (len(parts) < 3 or int(parts[2]) == rank):
-        return int(parts[1])
-    return -1
+def _injected_fault(rank: int) -> tuple[str, int] | None:
+    """DCGAN_DIST_FAULT=KIND@STEP[@RANK] (tests): ``nan`` makes that rank's batch NaN at STEP, ``raise`` makes
+    it raise there; ``enospc`` (checkpoint.py) makes the checkpoint at STEP fail as on a full disk."""
+    kind, *rest = os.environ.get("DCGAN_DIST_FAULT", "").split("@")
+    if kind in ("nan", "raise") and (len(rest) < 2 or int(rest[1]) == rank):
+        return kind, int(rest[0])
+    return None
 
 
 def train(cfg: Config) -> dict:
     """Train until max_steps (or max_epochs, or a stop request); returns a summary of the run.
 
-    Raises TrainingDiverged (on every rank, at the same step) when a loss or weight becomes non-finite.
+    Raises UserError before the process group starts for what can be checked without it (shards, data too
+    small for the world size, a run directory in use), and TrainingDiverged (on every rank, at the same step)
+    when a loss or weight becomes non-finite. The loader's workers are stopped whatever happens.
     """
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    manifest = preflight(cfg, world)
+    lock = RunLock(cfg.run_dir) if int(os.environ.get("RANK", 0)) == 0 else None
+    loader = None
+    try:
+        acc = _accelerator(cfg)
+        _warn_precision(acc, cfg)
+        if acc.is_main_process:
+            _prepare_run_dir(cfg)
+        nets = build(acc, cfg)
+        state = _resume(acc, nets, cfg, manifest)
+        loader = ShardLoader(cfg.data.shards, cfg.train.batch_size, acc.process_index, acc.num_processes,
+                             cfg.data.workers, cfg.train.seed, cfg.data.shuffle_window, state.loader_batches,
+                             cfg.data.verify, cfg.data.resolution, cfg.data.channels,
+                             pin_memory=acc.device.type == "cuda")
+        with StopRequest(Path(os.environ.get("DCGAN_DIST_STOP_FILE", cfg.run_dir / "STOP"))) as stop:
+            return _loop(acc, cfg, nets, state, loader, stop)
+    finally:
+        if loader is not None:
+            loader.close()
+        if lock is not None:
+            lock.release()
+
+
+def _warn_precision(acc: Accelerator, cfg: Config) -> None:
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    acc = _accelerator(cfg)
-    main = acc.is_main_process
-    if main and launcher_precision not in ("no", cfg.train.precision):
+    if acc.is_main_process and launcher_precision not in ("no", cfg.train.precision):
         log.warning("accelerate launch asked for mixed_precision=%s; the config's train.precision=%s wins",
                     launcher_precision, cfg.train.precision)
     if cfg.train.precision == "fp16" and acc.device.type == "cpu":
         log.warning("fp16 on CPU works (for tests) but is slow; use bf16 or fp32 on CPU")
-    run_dir = cfg.run_dir
-    ckpt_root = run_dir / "checkpoints"
-    if main:
-        try:
-            (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.toml").write_text(to_toml(cfg))
-        except OSError as e:
-            raise UserError(f"run directory {run_dir}: cannot write ({e.strerror or e})") from None
-        checkpoint.remove_partial(ckpt_root)
 
-    nets = build(acc, cfg)
+
+def _prepare_run_dir(cfg: Config) -> None:
+    try:
+        (cfg.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / "config.toml").write_text(to_toml(cfg))
+    except OSError as e:
+        raise UserError(f"run directory {cfg.run_dir}: cannot write ({e.strerror or e})") from None
+    checkpoint.remove_partial(cfg.run_dir / "checkpoints")
+
+
+def _resume(acc: Accelerator, nets: Nets, cfg: Config, manifest: dict) -> TrainState:
+    """Fresh state, or the checkpoint's; a changed config is applied (safe changes) or refused (breaking ones)."""
     fixed = torch.randn(cfg.log.n_samples, cfg.model.latent, generator=torch.Generator().manual_seed(cfg.train.seed))
     state = TrainState(fixed)
-    resumed = checkpoint.resume(cfg.checkpoint.resume, ckpt_root, acc, nets, state)  # + every rank's RNG
+    root = cfg.run_dir / "checkpoints"
+    complete = checkpoint.complete_checkpoints(root)
+    resumed = checkpoint.resume(cfg.checkpoint.resume, root, acc, nets, state)  # + every rank's RNG
+    now_data, now_world = fingerprint(manifest), acc.num_processes
     if resumed is None:
         torch.manual_seed(cfg.train.seed + 1 + acc.process_index)  # each rank draws its own z
-    elif main:
-        log.info("resumed from %s (step %d)", resumed, state.step)
+    else:
+        saved = _flat(tomllib.loads((resumed / "config.toml").read_text()))
+        saved.update(world_size=state.world_size or now_world, data=state.data or now_data)
+        now = {**_flat(cfg.to_dict()), "world_size": now_world, "data": now_data}
+        safe, breaking = compare(saved, now)
+        if breaking and not cfg.checkpoint.allow_changes:
+            raise UserError(f"resuming {resumed} with changes that break an exact continuation: "
+                            f"{'; '.join(breaking)}; restore them, start a new run (another name), or set "
+                            f"checkpoint.allow_changes = true to continue anyway")
+        for group, lr in ((nets.opt_g.param_groups, cfg.optim.lr_g), (nets.opt_d.param_groups, cfg.optim.lr_d)):
+            for g in group:        # load_state restored the saved lr and betas; the config's are the ones meant
+                g["lr"], g["betas"] = lr, (cfg.optim.beta1, cfg.optim.beta2)
+        if acc.is_main_process:
+            log.info("resumed from %s (step %d)", resumed, state.step)
+            for line in safe:
+                log.info("changed since the checkpoint, applied: %s", line)
+            for line in breaking:
+                log.warning("changed since the checkpoint (checkpoint.allow_changes): %s; this run is no longer "
+                            "an exact continuation", line)
+            moved = roll_back(cfg.run_dir, resumed, state.step, complete)
+            if moved:
+                log.warning("resumed from step %d, older than the newest checkpoint: the newer checkpoints, "
+                            "their grids and the metrics history were moved to %s", state.step, moved)
+        acc.wait_for_everyone()
+    state.world_size, state.data = now_world, now_data
+    return state
 
-    loader = ShardLoader(cfg.data.shards, cfg.train.batch_size, acc.process_index, acc.num_processes,
-                         cfg.data.workers, cfg.train.seed, cfg.data.shuffle_window, state.loader_batches,
-                         cfg.data.verify, cfg.data.resolution, cfg.data.channels,
-                         pin_memory=acc.device.type == "cuda")
 
-    # --- trackers and files (rank 0 only; Accelerate makes the trackers no-ops elsewhere)
-    mode = wandb_mode(cfg.log.wandb)
-    if mode != "disabled":
-        if main and not state.wandb_id:
-            state.wandb_id = uuid.uuid4().hex[:12]             # kept in checkpoints: a resume continues the run
-        acc.init_trackers(cfg.log.project, config=cfg.to_dict(), init_kwargs={"wandb": {
-            "name": cfg.name, "id": state.wandb_id or None, "resume": "allow", "dir": str(run_dir), "mode": mode,
-            "entity": cfg.log.entity or None, "group": os.environ.get("SLURM_JOB_ID")}})
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: ShardLoader, stop: StopRequest):
+    main, run_dir = acc.is_main_process, cfg.run_dir
+    ckpt_root = run_dir / "checkpoints"
+    mode = _start_trackers(acc, cfg, state)
     metrics = MetricsFile(run_dir / "metrics.jsonl", keep_until=state.step) if main else None
     bar = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not (main and cfg.log.progress_bar),
                unit="step", dynamic_ncols=True)
-
     sums: dict[str, torch.Tensor] = {}
     nonfinite = torch.zeros((), dtype=torch.bool, device=acc.device)
     t_last, steps_since = time.perf_counter(), 0
     unwrapped_g = acc.unwrap_model(nets.G)
-    per_step_images = cfg.train.batch_size * acc.num_processes
-    fault_step = _injected_fault(acc.process_index)
+    fault = _injected_fault(acc.process_index)
     batches = iter(loader)
     stopped_by = None
     last = state.step >= cfg.train.max_steps
-    with StopRequest(Path(os.environ.get("DCGAN_DIST_STOP_FILE", run_dir / "STOP"))) as stop:
-        while not last:
-            noise_std = cfg.loss.instance_noise * (
-                max(0.0, 1 - state.step / cfg.loss.instance_noise_steps) if cfg.loss.instance_noise_steps else 1.0)
-            for _ in range(cfg.loss.d_steps - 1):
-                real = to_device(next(batches)[0], acc.device, cfg.train.channels_last)
-                d_only_step(acc, nets, real, cfg, noise_std)
-            real = to_device(next(batches)[0], acc.device, cfg.train.channels_last)
-            if state.step + 1 == fault_step:
-                real = real * float("nan")
-            out = gan_step(acc, nets, real, cfg, noise_std)
-            state.step += 1
-            state.loader_batches = loader.batches
-            state.skipped_d += out["skipped_d"]
-            state.skipped_g += out["skipped_g"]
-            # An fp16 overflow is skipped by the scaler and is not divergence; anything else non-finite is.
-            for loss, skipped in ((out["loss_d"], out["skipped_d"]), (out["loss_g"], out["skipped_g"])):
-                if not skipped:
-                    nonfinite |= ~torch.isfinite(loss)
-            for k in ("loss_d", "loss_g", "d_real", "d_fake"):       # summed on device: no sync per step
-                sums[k] = sums.get(k, 0) + out[k]
-            steps_since += 1
-            bar.update(1)
-            last = state.step >= cfg.train.max_steps or bool(
-                cfg.train.max_epochs and loader.epoch >= cfg.train.max_epochs)
-            will_save = last or state.step % cfg.checkpoint.every == 0
+    while not last:
+        noise_std = cfg.loss.instance_noise * (
+            max(0.0, 1 - state.step / cfg.loss.instance_noise_steps) if cfg.loss.instance_noise_steps else 1.0)
+        for _ in range(cfg.loss.d_steps - 1):
+            d_only_step(acc, nets, to_device(next(batches)[0], acc.device, cfg.train.channels_last), cfg, noise_std)
+        real = to_device(next(batches)[0], acc.device, cfg.train.channels_last)
+        if fault == ("nan", state.step + 1):
+            real = real * float("nan")
+        if fault == ("raise", state.step + 1):
+            raise RuntimeError(f"injected failure at step {state.step + 1} (DCGAN_DIST_FAULT)")
+        out = gan_step(acc, nets, real, cfg, noise_std)
+        state.step += 1
+        state.loader_batches = loader.batches
+        state.skipped_d += out["skipped_d"]
+        state.skipped_g += out["skipped_g"]
+        # An fp16 overflow is skipped by the scaler and is not divergence; anything else non-finite is.
+        for loss, skipped in ((out["loss_d"], out["skipped_d"]), (out["loss_g"], out["skipped_g"])):
+            if not skipped:
+                nonfinite |= ~torch.isfinite(loss)
+        for k in ("loss_d", "loss_g", "d_real", "d_fake"):       # summed on device: no sync per step
+            sums[k] = sums.get(k, 0) + out[k]
+        steps_since += 1
+        bar.update(1)
+        last = state.step >= cfg.train.max_steps or bool(cfg.train.max_epochs and loader.epoch >= cfg.train.max_epochs)
+        will_save = last or state.step % cfg.checkpoint.every == 0
 
-            # --- sync point: every rank learns, at the same step, whether any rank diverged or was told to stop.
-            if will_save or state.step % cfg.train.sync_every == 0:
-                params = [*nets.G.parameters(), *nets.D.parameters()]
-                weights_ok = torch.stack([torch.isfinite(p).all() for p in params]).all()   # no host sync
-                flags = torch.stack([nonfinite | ~weights_ok, torch.tensor(stop.signalled is not None,
-                                     device=acc.device), torch.tensor(stop.stop_file.exists(), device=acc.device)])
-                diverged, signalled, stop_file = (acc.reduce(flags.float(), "sum") > 0).tolist()
-                if diverged:
-                    good = checkpoint.complete_checkpoints(ckpt_root)
-                    acc.end_training()
-                    raise TrainingDiverged(
-                        f"non-finite loss or weights by step {state.step} (checked every {cfg.train.sync_every} "
-                        f"steps); last good checkpoint: {good[-1] if good else 'none'}; nothing was saved after it")
-                if (signalled or stop_file) and not last:
-                    stopped_by = "signal" if signalled else "STOP file"
-                    last = will_save = True
+        if will_save or state.step % cfg.train.sync_every == 0:
+            stop_reason = _sync_point(acc, cfg, nets, state, nonfinite, stop)
+            if stop_reason and not last:
+                stopped_by, last, will_save = stop_reason, True, True
 
-            if state.step % cfg.log.every == 0 or last:
-                means = acc.reduce(torch.stack([sums[k] for k in sorted(sums)]) / steps_since, "mean")  # every rank
-                elapsed = time.perf_counter() - t_last
-                row = {"step": state.step, "epoch": loader.epoch, **dict(zip(sorted(sums), means.tolist())),
-                       "scale_d": nets.scaler_d.get_scale(), "scale_g": nets.scaler_g.get_scale(),
-                       "skipped_d": state.skipped_d, "skipped_g": state.skipped_g,
-                       "images_per_s": steps_since * per_step_images / elapsed, "s_per_step": elapsed / steps_since,
-                       "instance_noise": noise_std, "corrupt_chunks": loader.corrupt_chunks}
-                if main:
-                    metrics.write(row)
-                    acc.log({k: v for k, v in row.items() if k != "step"}, step=state.step)
-                    bar.set_postfix(d=f"{row['loss_d']:.3f}", g=f"{row['loss_g']:.3f}",
-                                    img_s=f"{row['images_per_s']:.0f}")
-                sums, steps_since, t_last = {}, 0, time.perf_counter()
+        if state.step % cfg.log.every == 0 or last:
+            row = _scalars(acc, nets, state, loader, sums, steps_since, time.perf_counter() - t_last, noise_std)
+            if main:
+                metrics.write(row)
+                acc.log({k: v for k, v in row.items() if k != "step"}, step=state.step)
+                bar.set_postfix(d=f"{row['loss_d']:.3f}", g=f"{row['loss_g']:.3f}", img_s=f"{row['images_per_s']:.0f}")
+            sums, steps_since, t_last = {}, 0, time.perf_counter()
 
-            if main and (state.step % cfg.log.sample_every == 0 or last):
-                path = save_grid(sample_grid(unwrapped_g, state.fixed_noise), run_dir / "samples", state.step)
-                if mode != "disabled":
-                    import wandb
-                    acc.log({"samples": wandb.Image(str(path))}, step=state.step)
+        if main and (state.step % cfg.log.sample_every == 0 or last):
+            path = save_grid(sample_grid(unwrapped_g, state.fixed_noise), run_dir / "samples", state.step)
+            if mode != "disabled":
+                import wandb
+                acc.log({"samples": wandb.Image(str(path))}, step=state.step)
 
-            if will_save:
-                checkpoint.save(acc, nets, state, ckpt_root, to_toml(cfg), cfg.checkpoint.keep,
-                                cfg.checkpoint.milestone_every)
+        if will_save:
+            checkpoint.save(acc, nets, state, ckpt_root, to_toml(cfg), cfg.checkpoint.keep,
+                            cfg.checkpoint.milestone_every)
     bar.close()
 
     summary = {"step": state.step, "epoch": loader.epoch, "skipped_d": state.skipped_d,
@@ -239,3 +281,43 @@ def train(cfg: Config) -> dict:
             summary["sync_command"] = f"wandb sync {offline_runs[-1]}"
     acc.end_training()
     return summary
+
+
+def _start_trackers(acc: Accelerator, cfg: Config, state: TrainState) -> str:
+    """W&B through Accelerate (rank 0 only); the run id lives in the checkpoint so a resume continues the run."""
+    mode = wandb_mode(cfg.log.wandb)
+    if mode != "disabled":
+        if acc.is_main_process and not state.wandb_id:
+            state.wandb_id = uuid.uuid4().hex[:12]
+        acc.init_trackers(cfg.log.project, config=cfg.to_dict(), init_kwargs={"wandb": {
+            "name": cfg.name, "id": state.wandb_id or None, "resume": "allow", "dir": str(cfg.run_dir),
+            "mode": mode, "entity": cfg.log.entity or None, "group": os.environ.get("SLURM_JOB_ID")}})
+    return mode
+
+
+def _sync_point(acc, cfg: Config, nets: Nets, state: TrainState, nonfinite: torch.Tensor, stop: StopRequest):
+    """Every rank learns, at the same step, whether any rank diverged or was told to stop (one all-reduce).
+    Returns the stop reason or None; raises TrainingDiverged on every rank."""
+    params = [*nets.G.parameters(), *nets.D.parameters()]
+    weights_ok = torch.stack([torch.isfinite(p).all() for p in params]).all()   # no host sync per parameter
+    flags = torch.stack([nonfinite | ~weights_ok, torch.tensor(stop.signalled is not None, device=acc.device),
+                         torch.tensor(stop.stop_file.exists(), device=acc.device)])
+    diverged, signalled, stop_file = (acc.reduce(flags.float(), "sum") > 0).tolist()
+    if diverged:
+        good = checkpoint.complete_checkpoints(cfg.run_dir / "checkpoints")
+        acc.end_training()
+        raise TrainingDiverged(
+            f"non-finite loss or weights by step {state.step} (checked every {cfg.train.sync_every} "
+            f"steps); last good checkpoint: {good[-1] if good else 'none'}; nothing was saved after it")
+    return "signal" if signalled else "STOP file" if stop_file else None
+
+
+def _scalars(acc, nets: Nets, state: TrainState, loader: ShardLoader, sums: dict, steps: int, elapsed: float,
+             noise_std: float) -> dict:
+    """The logged row: interval means reduced across ranks (computed on every rank: it is a collective)."""
+    means = acc.reduce(torch.stack([sums[k] for k in sorted(sums)]) / steps, "mean")
+    return {"step": state.step, "epoch": loader.epoch, **dict(zip(sorted(sums), means.tolist())),
+            "scale_d": nets.scaler_d.get_scale(), "scale_g": nets.scaler_g.get_scale(),
+            "skipped_d": state.skipped_d, "skipped_g": state.skipped_g,
+            "images_per_s": steps * loader.stream.B * acc.num_processes / elapsed, "s_per_step": elapsed / steps,
+            "instance_noise": noise_std, "corrupt_chunks": loader.corrupt_chunks}
