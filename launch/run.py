@@ -24,7 +24,8 @@ import time
 
 import psutil
 
-from dcgan_dist.runtime import EXIT_FAILED, EXIT_INTERRUPTED, OUTCOME_ENV, die_with_parent, read_outcome
+from dcgan_dist.runtime import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED, OUTCOME_ENV, die_with_parent,
+                                read_outcome)
 
 
 def _ranks(launcher: subprocess.Popen) -> list[psutil.Process]:
@@ -115,7 +116,7 @@ class Supervisor:
                 print(f"error: the launcher exited with {rc} and no rank recorded why (killed? out of memory? "
                       f"see above)", file=sys.stderr)
             return rc if rc >= 0 else 128 - rc
-        if outcome["exit_code"] != 0:            # a success was printed by rank 0 already
+        if outcome["exit_code"] not in (0, EXIT_PREEMPTED):    # those rank 0 printed on stdout already
             print(outcome["message"], file=sys.stderr)
         return outcome["exit_code"]
 

@@ -1,0 +1,133 @@
+"""Failures end the job promptly on every rank, with one clear line and an exit code that says what happened
+(launch/run.py); signals and Ctrl-C stop every rank at one step; no rank outlives its launcher."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import ROOT
+from test_resume import env, last_step, wait_for_step
+
+LAUNCH = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+          "--dynamo_backend", "no"]
+SLOW = ["train.max_steps=100000", "train.sync_every=1", "checkpoint.every=5", "log.every=1", "log.sample_every=1000",
+        "data.workers=1", "train.batch_size=32"]
+
+
+def run_cmd(config, *overrides, launcher="run"):
+    from accelerate.test_utils import get_torch_dist_unique_port
+    head = [sys.executable, str(ROOT / "launch" / "run.py")] if launcher == "run" else \
+        [sys.executable, "-m", "accelerate.commands.launch"]
+    return [*head, *LAUNCH, "--main_process_port", str(get_torch_dist_unique_port()), str(ROOT / "launch" / "train.py"),
+            "--config", str(config), *[a for o in overrides for a in ("--set", o)]]
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    try:
+        return [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def wait_gone(procs: list[psutil.Process], timeout: float = 60) -> float:
+    """Seconds until every process of ``procs`` has exited (fails after ``timeout``)."""
+    t0 = time.time()
+    gone, alive = psutil.wait_procs(procs, timeout=timeout)
+    assert not alive, f"still running after {timeout}s: {[p.pid for p in alive]}"
+    return time.time() - t0
+
+
+@pytest.mark.parametrize("fault, code, last_line", [
+    ("enospc@10@0", 2, "error: disk full while writing checkpoint {ckpt}/step_00000010.tmp (No space left on "
+                       "device); the newest complete checkpoint ({ckpt}/step_00000005) is untouched; free space "
+                       "and run the same command to resume from it"),
+    ("raise@12@1", 1, "error: crashed with RuntimeError: injected failure at step 12 (DCGAN_DIST_FAULT) "
+                      "(traceback above)"),
+])
+def test_a_failure_on_one_rank_ends_every_rank_promptly(tiny, tmp_path, fault, code, last_line):
+    ckpt = tmp_path / "tiny" / "checkpoints"
+    proc = subprocess.Popen(run_cmd(tiny, f'runs_dir="{tmp_path}"', *SLOW), env={**env(), "DCGAN_DIST_FAULT": fault},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(proc, tmp_path / "tiny", 8)
+    procs = tree(proc.pid)                      # supervisor, launcher, 2 ranks, their loader workers
+    assert len(procs) >= 6
+    good = {p.name: p.read_bytes() for p in (ckpt / "step_00000005").iterdir()}
+    fault_step = int(fault.split("@")[1])
+    wait_for_step(proc, tmp_path / "tiny", fault_step - 1)     # the failure comes within a step of this
+    t_fail = time.time()
+    out, err = proc.communicate(timeout=120)
+    gone = wait_gone(procs) + time.time() - t_fail
+    print(f"{fault}: every process gone {gone:.1f}s after the failing step began")
+    assert proc.returncode == code
+    assert err.strip().splitlines()[-1] == last_line.format(ckpt=ckpt)
+    if code == 2:
+        assert "Traceback" not in err and "ChildFailedError" not in err
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_00000005"] if code == 2 else True
+    assert {p.name: p.read_bytes() for p in (ckpt / "step_00000005").iterdir()} == good
+    assert last_step(tmp_path / "tiny") <= fault_step and gone < 30
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (['data.shards="{tmp}/nowhere"'], "error: {tmp}/nowhere/manifest.json: no manifest; create shards with "
+                                      "launch/prepare_data.py"),
+    (["train.batch_size=1000"], "images cannot fill one batch of 1000 for each of 2 ranks x 1 loader workers"),
+    (['runs_dir="{tmp}/file"'], "error: run directory {tmp}/file/tiny: cannot write"),
+])
+def test_a_user_error_under_the_launcher_is_the_last_line_and_exit_2(tiny, tmp_path, overrides, message):
+    (tmp_path / "file").write_text("a file, not a folder")
+    t0 = time.time()
+    p = subprocess.run(run_cmd(tiny, f'runs_dir="{tmp_path}"', *[o.format(tmp=tmp_path) for o in overrides]),
+                       env=env(), capture_output=True, text=True, timeout=120)
+    print(f"user error reported in {time.time() - t0:.1f}s")
+    assert p.returncode == 2
+    assert message.format(tmp=tmp_path) in p.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in p.stderr and "FAILED" not in p.stderr
+    assert p.stderr.count(message.format(tmp=tmp_path)) == 1            # said once, not once per rank
+
+
+def test_ctrl_c_checkpoints_and_stops_every_rank_second_ctrl_c_stops_now(tiny, tmp_path):
+    proc = subprocess.Popen(run_cmd(tiny, f'runs_dir="{tmp_path}"', *SLOW), env=env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run = tmp_path / "tiny"
+    wait_for_step(proc, run, 6)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    stopped = last_step(run)
+    assert proc.returncode == 75, err[-2000:]
+    assert out.strip().splitlines()[-1] == (f"stopped by signal at step {stopped} after a checkpoint; run the same "
+                                            f"command again to continue")
+    assert (run / "checkpoints" / f"step_{stopped:08d}").is_dir()
+    assert "Traceback" not in err
+
+    proc = subprocess.Popen(run_cmd(tiny, f'runs_dir="{tmp_path}"', *SLOW), env=env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_step(proc, run, stopped + 3)                      # resumed, then training on
+    procs = tree(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)                          # two key presses (two signals sent at once are merged into one)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    print(f"second Ctrl-C: every process gone {wait_gone(procs, 30):.1f}s after the supervisor's exit")
+    assert proc.returncode == 130
+    assert "second Ctrl-C: stopping everything now, without a checkpoint" in err
+
+
+def test_kill_usr1_of_accelerate_launch_leaves_no_rank_behind(tiny, tmp_path):
+    proc = subprocess.Popen(run_cmd(tiny, f'runs_dir="{tmp_path}"', *SLOW, launcher="accelerate"), env=env(),
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_step(proc, tmp_path / "tiny", 4)
+    ranks = psutil.Process(proc.pid).children()
+    assert len(ranks) == 2
+    procs = tree(proc.pid)
+    os.kill(proc.pid, signal.SIGUSR1)                           # the obvious pid: it kills the launcher
+    proc.communicate(timeout=60)
+    print(f"launcher killed: ranks gone after {wait_gone(procs, 60):.1f}s")
+    stopped = last_step(tmp_path / "tiny")
+    # the ranks took it as a stop request (SIGTERM from the kernel when their parent died): checkpoint, exit
+    assert (tmp_path / "tiny" / "checkpoints" / f"step_{stopped:08d}").is_dir()
