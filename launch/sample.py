@@ -24,10 +24,26 @@ def load_generator(checkpoint: Path, device: str) -> Generator:
     cfg = load_config(checkpoint / "config.toml")
     g = Generator(cfg.model.latent, cfg.model.ngf, cfg.data.channels, cfg.data.resolution)
     try:
-        g.load_state_dict(load_file(checkpoint / "model.safetensors"))
+        weights = load_file(checkpoint / "model.safetensors")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+        raise UserError(f"{checkpoint / 'model.safetensors'}: cannot be read ({str(e)[:120]}); the file is "
+                        f"damaged: use another checkpoint") from None
+    try:
+        g.load_state_dict(weights)
     except RuntimeError as e:
-        raise UserError(f"{checkpoint}: weights do not fit the generator its config.toml describes ({e})") from None
+        raise UserError(f"{checkpoint}: weights do not fit the generator its config.toml describes "
+                        f"({str(e).splitlines()[0][:160]})") from None
     return g.to(device).eval()
+
+
+def check_device(name: str) -> str:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: not a device; use cpu or cuda (cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu") from None
+    return name
 
 
 def main(argv=None) -> int:
@@ -42,7 +58,7 @@ def main(argv=None) -> int:
     try:
         if a.n < 1:
             raise UserError(f"--n must be >= 1, not {a.n}")
-        g = load_generator(a.checkpoint, a.device)
+        g = load_generator(a.checkpoint, check_device(a.device))
         z = torch.randn(a.n, g.latent, generator=torch.Generator().manual_seed(a.seed)).to(a.device)
         with torch.no_grad():
             images = (g(z).float().cpu() + 1) / 2          # [-1, 1] -> [0, 1]

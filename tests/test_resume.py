@@ -117,14 +117,14 @@ def test_signal_to_one_rank_stops_all_at_one_step_and_sbatch_requeues(tiny, refe
     wait_for_step(proc, run, 8)
     os.kill(proc.pid, signal.SIGUSR1)                          # what --signal=B:USR1@300 does
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 75, err[-3000:]                  # stopped after a checkpoint, requeued
     stopped = last_step(run)
     assert f"stopped by STOP file at step {stopped} after a checkpoint" in out
     assert (run / "checkpoints" / f"step_{stopped:08d}").is_dir() and stopped < STEPS
     calls = log.read_text().splitlines()
     assert calls[-1] == "scontrol requeue 4242"
     srun = next(c for c in calls if c.startswith("srun"))
-    assert "--kill-on-bad-exit=1" in srun and "--machine_rank $SLURM_NODEID" in srun
+    assert "--kill-on-bad-exit=1" in srun and '--machine_rank "$SLURM_NODEID"' in srun
     assert "--main_process_port 24242" in srun and "--num_processes 2" in srun
     assert not (ROOT / ".dcgan-stop-4242").exists()
 
@@ -246,3 +246,42 @@ def test_stop_file_single_process_checkpoints_and_exits_75(tiny, tmp_path, cli):
     assert p.returncode == 75 and "stopped by STOP file at step 1 after a checkpoint" in p.stdout
     assert [x.name for x in (tmp_path / "tiny" / "checkpoints").iterdir()] == ["step_00000001"]
     assert not (tmp_path / "tiny" / "STOP").exists()
+
+
+def test_slurm_job_exit_code_tells_user_error_divergence_and_passes_overrides_verbatim(tiny, tmp_path):
+    """What a job script sees: 2 user error, 3 divergence (neither requeued); overrides with spaces and shell
+    metacharacters reach the trainer as one word each and are never run."""
+    log = tmp_path / "slurm.log"
+    marker = tmp_path / "pwned"
+    e = {**env(), "PATH": f"{STANDINS}:{os.environ['PATH']}", "STANDIN_LOG": str(log), "GPUS_PER_NODE": "2",
+         "PYTHON": sys.executable, "SLURM_JOB_ID": "4243"}
+
+    def sbatch(*args, **kw):
+        return subprocess.run(["sbatch", "launch/slurm/train.sbatch", str(tiny), "--set", f"runs_dir={tmp_path}",
+                               *args], cwd=ROOT, env={**e, **kw}, capture_output=True, text=True, timeout=300)
+
+    project = f"my project; touch {marker} $(touch {marker})"
+    p = sbatch("--set", f"log.project={project}", "--dry-run")
+    assert p.returncode == 0 and f'project = "{project}"' in p.stdout and not marker.exists()
+
+    p = sbatch("--set", f'data.shards="{tmp_path}/none"')
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1] == (f"error: {tmp_path}/none/manifest.json: no manifest; create "
+                                                 f"shards with launch/prepare_data.py")
+    p = sbatch("--set", "train.sync_every=2", DCGAN_DIST_FAULT="nan@3")
+    assert p.returncode == 3 and "error: non-finite loss or weights by step 4" in p.stderr.strip().splitlines()[-1]
+    assert "requeue" not in log.read_text()
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tiny, tmp_path, caplog):
+    base = [f'runs_dir="{tmp_path}"', "checkpoint.every=2"]
+    train(load_config(tiny, base + ["train.max_steps=4"]))
+    metrics = tmp_path / "tiny" / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 5, "loss_d": 1.3')                    # what a kill during an append leaves
+    train(load_config(tiny, base + ["train.max_steps=6"]))
+    assert "dropping a torn last line" in caplog.text
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [2, 4, 6]
+    metrics.write_text('{"step": 2}\nnot json\n{"step": 4}\n')
+    with pytest.raises(UserError, match=rf"{metrics}:2: not a metrics row"):
+        train(load_config(tiny, base + ["train.max_steps=8"]))

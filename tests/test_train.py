@@ -192,3 +192,23 @@ def test_max_epochs_stops_at_the_epoch_boundary(tiny, tmp_path):
     summary = train(load_config(tiny, [f'runs_dir="{tmp_path}"', "train.max_steps=1000", "train.max_epochs=1",
                                        "log.every=50"]))
     assert summary["step"] == 1797 // 16 and summary["epoch"] == 1
+
+
+def test_sample_on_a_damaged_checkpoint_or_missing_cuda_is_one_line(tiny, tmp_path, cli):
+    train(load_config(tiny, [f'runs_dir="{tmp_path}"', "train.max_steps=2"]))
+    ckpt = tmp_path / "tiny" / "checkpoints" / "step_00000002"
+    if not torch.cuda.is_available():
+        p = cli("sample.py", "--checkpoint", ckpt, "--out", tmp_path / "s", "--device", "cuda", check=False)
+        assert p.returncode == 2
+        assert p.stderr.strip() == "error: --device cuda: CUDA is not available on this machine; use --device cpu"
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    p = cli("sample.py", "--checkpoint", ckpt, "--out", tmp_path / "s", "--device", "cpu", check=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1
+    assert p.stderr.startswith(f"error: {weights}: cannot be read (") and "damaged" in p.stderr
+
+
+def test_progress_gif_plays_at_four_frames_per_second(tiny, tmp_path):
+    train(load_config(tiny, [f'runs_dir="{tmp_path}"']))
+    gif = Image.open(tmp_path / "tiny" / "samples" / "progress.gif")
+    assert gif.n_frames == 2 and gif.info["duration"] == 250               # milliseconds

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import netrc
 import os
 from pathlib import Path
 
 import torch
 from torchvision.utils import make_grid, save_image
+
+from ..errors import UserError
+
+log = logging.getLogger("dcgan_dist")
 
 
 def wandb_mode(mode: str) -> str:
@@ -32,11 +37,29 @@ class MetricsFile:
         """``keep_until``: on a resume from step N, rows past N (steps that will be redone) are dropped."""
         self.path = path
         if path.exists():
-            rows = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= keep_until]
+            rows = [line for line in self._rows(path) if json.loads(line)["step"] <= keep_until]
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(r + "\n" for r in rows))
             os.replace(tmp, path)
+
+    @staticmethod
+    def _rows(path: Path) -> list[str]:
+        """The file's rows; a torn final line (a kill or a full disk during an append) is dropped with a warning,
+        a damaged line elsewhere is an error naming it."""
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                ok = isinstance(json.loads(line).get("step"), int)
+            except (ValueError, AttributeError):
+                ok = False
+            if ok:
+                rows.append(line)
+            elif i == len(lines) - 1:
+                log.warning("%s: dropping a torn last line (%d bytes): %.60s", path, len(line), line)
+            else:
+                raise UserError(f"{path}:{i + 1}: not a metrics row; repair or remove that line to resume")
+        return rows
 
     def write(self, row: dict) -> None:
         with open(self.path, "a") as f:
@@ -68,5 +91,6 @@ def write_gif(samples_dir: Path, fps: float = 4.0) -> Path | None:
     if not frames:
         return None
     out = samples_dir / "progress.gif"
-    imageio.mimsave(out, [imageio.imread(f) for f in frames], duration=1.0 / fps, loop=0)
+    # imageio v2 with the pillow plugin takes the frame duration in milliseconds
+    imageio.mimsave(out, [imageio.imread(f) for f in frames], duration=1000.0 / fps, loop=0)
     return out

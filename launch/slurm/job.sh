@@ -1,9 +1,12 @@
 # Sourced by train.sbatch / train_multinode.sbatch; not run directly.
-# One `accelerate launch` per node through srun (rendezvous on the job's first host, a port derived from
-# the job id, each node's machine rank evaluated on that node). When SLURM sends the batch shell its
-# warning signal (USR1, from `--signal=B:USR1@SECS`; TERM too), the trainer is told to stop through a
-# STOP file on the shared file system; it agrees a step on all ranks, checkpoints and exits; then this
-# script requeues the job, and the requeued job resumes from that checkpoint by itself.
+# One launch/run.py (accelerate launch + the run's outcome as exit code) per node through srun: rendezvous
+# on the job's first host, a port derived from the job id, each node's machine rank evaluated on that node.
+# When SLURM sends the batch shell its warning signal (USR1, from `--signal=B:USR1@SECS`; TERM too), the
+# trainer is told to stop through a STOP file on the shared file system; it agrees a step on all ranks,
+# checkpoints and exits 75; then this script requeues the job, which resumes from that checkpoint by itself.
+#
+# The job's exit code says how the run ended: 0 done, 75 stopped after a checkpoint (requeued when SLURM
+# asked for the stop), 2 user error (one line in the log says what), 3 diverged (NaN guard), 1 crash.
 set -uo pipefail
 cd "${SLURM_SUBMIT_DIR:-.}"
 CONFIG=${1:?usage: sbatch launch/slurm/train.sbatch CONFIG [--set key=value ...]}
@@ -16,8 +19,8 @@ HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 PORT=$((20000 + SLURM_JOB_ID % 20000))
 export DCGAN_DIST_STOP_FILE="$PWD/.dcgan-stop-$SLURM_JOB_ID"
 rm -f "$DCGAN_DIST_STOP_FILE"
-MULTI=""
-[ "$NPROC" -gt 1 ] && MULTI="--multi_gpu"
+MULTI=()
+[ "$NPROC" -gt 1 ] && MULTI=(--multi_gpu)
 
 STOPPING=0
 on_signal() {
@@ -29,11 +32,13 @@ trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
 
 echo "dcgan_dist: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $NNODES node(s) x $GPUS, head $HEAD:$PORT"
-# \$SLURM_NODEID is escaped so that each node's task evaluates its own rank (accelerate#2816).
-srun --kill-on-bad-exit=1 --ntasks-per-node=1 --nodes="$NNODES" bash -c "exec $PY -m accelerate.commands.launch \
-    $MULTI --num_machines $NNODES --num_processes $NPROC --machine_rank \$SLURM_NODEID \
-    --main_process_ip $HEAD --main_process_port $PORT --rdzv_backend static \
-    --mixed_precision no --dynamo_backend no launch/train.py --config $CONFIG $*" &
+# The script given to bash -c is in single quotes: $SLURM_NODEID is evaluated by each node's task
+# (accelerate#2816), and every other argument reaches run.py as one word, untouched by any shell.
+ARGS=("${MULTI[@]}" --num_machines "$NNODES" --num_processes "$NPROC" --main_process_ip "$HEAD"
+      --main_process_port "$PORT" --rdzv_backend static --mixed_precision no --dynamo_backend no
+      launch/train.py --config "$CONFIG" "$@")
+srun --kill-on-bad-exit=1 --ntasks-per-node=1 --nodes="$NNODES" \
+    bash -c 'exec "$0" launch/run.py --machine_rank "$SLURM_NODEID" "$@"' "$PY" "${ARGS[@]}" &
 pid=$!
 # `wait` returns early when a trapped signal arrives; keep waiting until the job step has really ended.
 wait "$pid"
@@ -43,7 +48,7 @@ while kill -0 "$pid" 2>/dev/null; do
     rc=$?
 done
 rm -f "$DCGAN_DIST_STOP_FILE"
-if [ "$STOPPING" = 1 ] && [ "$rc" = 0 ]; then
+if [ "$STOPPING" = 1 ] && [ "$rc" = 75 ]; then
     echo "dcgan_dist: checkpointed after the signal; requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
 fi
