@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -124,6 +125,9 @@ POSITIVE = {"model.latent", "model.ngf", "model.ndf", "loss.d_steps", "train.bat
             "log.every", "log.sample_every", "log.n_samples", "checkpoint.every", "checkpoint.keep",
             "optim.lr_g", "optim.lr_d", "train.fp16_init_scale", "data.shuffle_window", "train.sync_every"}
 UNIT_INTERVAL = {"loss.real_label", "loss.flip_prob", "optim.beta1", "optim.beta2"}
+# Upper bounds far above any real use, so an absurd value is a clear error rather than a failed allocation.
+AT_MOST = {"model.latent": 16384, "model.ngf": 4096, "model.ndf": 4096, "train.batch_size": 1 << 16,
+           "log.n_samples": 1024, "loss.d_steps": 100, "data.workers": 256, "train.seed": 2**63 - 1}
 
 
 def _all_keys(cls=Config, prefix="") -> dict[str, type]:
@@ -179,9 +183,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     if path is not None:
         path = Path(path)
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise UserError(f"{path}: no such config file") from None
+        except IsADirectoryError:
+            raise UserError(f"{path}: is a folder, not a config file (e.g. configs/digits.toml)") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+        except OSError as e:
+            raise UserError(f"{path}: cannot read ({e.strerror})") from None
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"{path}: invalid TOML ({e})") from None
         for key, value in _flatten(data).items():
@@ -201,6 +211,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 def validate(cfg: Config) -> None:
     flat = _flatten(cfg.to_dict())
+    for key, value in flat.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{key} = {value!r}: must be a finite number")
+    for key, most in AT_MOST.items():
+        if flat[key] > most:
+            raise UserError(f"{key} = {flat[key]!r}: must be <= {most}")
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise UserError(f"{key} = {flat[key]!r}: must be one of {', '.join(map(str, allowed))}")
@@ -211,11 +227,11 @@ def validate(cfg: Config) -> None:
         if not 0 <= flat[key] <= 1:
             raise UserError(f"{key} = {flat[key]!r}: must be between 0 and 1")
     for key in ("data.workers", "train.max_epochs", "loss.instance_noise", "loss.instance_noise_steps",
-                "checkpoint.milestone_every"):
+                "checkpoint.milestone_every", "train.seed"):
         if flat[key] < 0:
             raise UserError(f"{key} = {flat[key]!r}: must be >= 0")
-    if not cfg.name or "/" in cfg.name:
-        raise UserError(f"name = {cfg.name!r}: must be a non-empty name without '/'")
+    if not cfg.name or cfg.name in (".", "..") or any(c in cfg.name for c in "/\\\0"):
+        raise UserError(f"name = {cfg.name!r}: must be a folder name (not . or .., no / or \\)")
 
 
 def to_toml(cfg: Config) -> str:

@@ -1,6 +1,7 @@
 """Runs that survive: exact resume after kill -9 or a signal, SLURM scripts, NaN guard, hostile inputs."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -285,3 +286,95 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tiny, tmp_path, caplog):
     metrics.write_text('{"step": 2}\nnot json\n{"step": 4}\n')
     with pytest.raises(UserError, match=rf"{metrics}:2: not a metrics row"):
         train(load_config(tiny, base + ["train.max_steps=8"]))
+
+
+def test_a_second_run_on_the_same_directory_is_refused_naming_the_holder(tiny, tmp_path, cli):
+    from dcgan_dist.train.rundir import RunLock
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from dcgan_dist.train.rundir import RunLock; RunLock(Path(sys.argv[1])); "
+                               "print('locked', flush=True); time.sleep(60)", str(tmp_path / "tiny")],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    p = cli("train.py", "--config", tiny, "--set", f'runs_dir="{tmp_path}"', check=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1
+    assert p.stderr.startswith(f"error: run directory {tmp_path / 'tiny'} is in use by another run (pid {holder.pid} on ")
+    assert not (tmp_path / "tiny" / "checkpoints").exists()
+    holder.kill()                                               # kill -9 leaves no stale lock
+    holder.wait()
+    RunLock(tmp_path / "tiny").release()
+
+
+def test_resuming_an_older_checkpoint_moves_newer_ones_aside_and_auto_follows_the_new_timeline(tiny, tmp_path):
+    base = [f'runs_dir="{tmp_path}"', "checkpoint.every=2", "checkpoint.keep=2"]
+    train(load_config(tiny, base + ["train.max_steps=6"]))
+    ckpt = tmp_path / "tiny" / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_00000004", "step_00000006"]
+    train(load_config(tiny, base + ["train.max_steps=8", f'checkpoint.resume="{ckpt / "step_00000004"}"']))
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_00000006", "step_00000008"]
+    abandoned = list((tmp_path / "tiny" / "abandoned").iterdir())
+    assert len(abandoned) == 1
+    assert [p.name for p in (abandoned[0] / "checkpoints").iterdir()] == ["step_00000006"]   # moved, not deleted
+    assert (abandoned[0] / "metrics.jsonl").read_text().count("\n") == 3                    # the old 2, 4, 6
+    new6 = load_file(ckpt / "step_00000006" / "model.safetensors")
+    old6 = load_file(abandoned[0] / "checkpoints" / "step_00000006" / "model.safetensors")
+    assert all(torch.equal(new6[k], old6[k]) for k in new6)     # the same steps redone: the same weights
+    summary = train(load_config(tiny, base + ["train.max_steps=10"]))                         # auto
+    assert summary["step"] == 10
+    rows = [json.loads(line)["step"] for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [2, 4, 6, 8, 10]
+
+
+def test_config_changes_on_resume_safe_ones_applied_breaking_ones_refused(tiny, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    base = [f'runs_dir="{tmp_path}"', "checkpoint.every=2"]
+    train(load_config(tiny, base + ["train.max_steps=2"]))
+    train(load_config(tiny, base + ["train.max_steps=4", "optim.lr_g=1e-3", "optim.beta1=0.3"]))
+    assert "changed since the checkpoint, applied: optim.lr_g: 0.0002 -> 0.001" in caplog.text
+    opt = torch.load(tmp_path / "tiny" / "checkpoints" / "step_00000004" / "optimizer.bin", weights_only=True)
+    assert [(g["lr"], g["betas"][0]) for g in opt["param_groups"]] == [(1e-3, 0.3)]   # really applied
+    for change, named in (("train.batch_size=8", "train.batch_size: 16 -> 8"), ("train.seed=5", "train.seed: 0 -> 5")):
+        with pytest.raises(UserError, match=f"changes that break an exact continuation: {named}"):
+            train(load_config(tiny, base + ["train.max_steps=6", change]))
+    other = tmp_path / "other"
+    import shutil
+    shutil.copytree(load_config(tiny).data.shards, other)
+    from dcgan_dist.data.synthetic import write_indexed_shards
+    write_indexed_shards(other, 1797, resolution=32, channels=1, shard_size=2048)
+    with pytest.raises(UserError, match="data: the shard set differs"):
+        train(load_config(tiny, base + ["train.max_steps=6", f'data.shards="{other}"']))
+    summary = train(load_config(tiny, base + ["train.max_steps=6", "train.seed=5", "checkpoint.allow_changes=true"]))
+    assert summary["step"] == 6 and "no longer an exact continuation" in caplog.text
+
+
+def test_precision_change_on_resume_is_not_damage(tiny, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    base = [f'runs_dir="{tmp_path}"', "checkpoint.every=2"]
+    train(load_config(tiny, base + ["train.max_steps=2"]))
+    summary = train(load_config(tiny, base + ["train.max_steps=4", 'train.precision="fp16"']))
+    assert summary["step"] == 4 and "damaged" not in caplog.text
+    assert "starts with a fresh loss-scaler state" in caplog.text
+    summary = train(load_config(tiny, base + ["train.max_steps=6", 'train.precision="fp32"']))
+    assert summary["step"] == 6 and "damaged" not in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["flip model.safetensors", "delete random_states_0.pkl",
+                                    "truncate random_states_0.pkl"])
+def test_any_damaged_checkpoint_file_is_detected_and_the_previous_one_used(tiny, tmp_path, caplog, damage):
+    base = [f'runs_dir="{tmp_path}"', "checkpoint.every=2"]
+    train(load_config(tiny, base + ["train.max_steps=4"]))
+    action, name = damage.split()
+    f = tmp_path / "tiny" / "checkpoints" / "step_00000004" / name
+    data = bytearray(f.read_bytes())
+    if action == "flip":
+        data[-10] ^= 0xFF
+        data[-20] ^= 0xFF
+        f.write_bytes(bytes(data))
+    elif action == "truncate":
+        f.write_bytes(bytes(data[:len(data) // 2]))
+    else:
+        f.unlink()
+    train(load_config(tiny, base + ["train.max_steps=6"]))
+    assert f"checkpoint {tmp_path / 'tiny' / 'checkpoints' / 'step_00000004'} is damaged" in caplog.text
+    assert name in caplog.text
+    rows = [json.loads(line)["step"] for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [2, 4, 6]                                    # resumed from step 2, step 4 redone

@@ -98,6 +98,13 @@ def test_bf16_trains_and_resume_auto_continues_from_the_checkpoint(tiny, tmp_pat
     ("loss.real_label=1.2", "loss.real_label = 1.2: must be between 0 and 1"),
     ("model.init_g=1", "model.init_g must be bool, got int 1"),
     ("train.seed", "expected section.key=value"),
+    ("optim.lr_g=nan", "optim.lr_g = nan: must be a finite number"),
+    ("loss.instance_noise=inf", "loss.instance_noise = inf: must be a finite number"),
+    ("train.fp16_init_scale=-inf", "train.fp16_init_scale = -inf: must be a finite number"),
+    ("train.seed=-1", "train.seed = -1: must be >= 0"),
+    ("name='..'", "name = '..': must be a folder name (not . or .., no / or \\)"),
+    ("name='.'", "name = '.': must be a folder name"),
+    ("model.latent=100000000", "model.latent = 100000000: must be <= 16384"),
 ])
 def test_config_mistakes_name_the_key(override, message):
     with pytest.raises(UserError) as e:
@@ -112,6 +119,11 @@ def test_config_file_unknown_key_and_cli_errors(tmp_path, cli):
     assert p.returncode == 2 and p.stderr.strip() == f"error: {bad}: unknown key 'model.nfg'; did you mean 'model.ngf'?"
     p = cli("train.py", "--config", tmp_path / "missing.toml", check=False)
     assert p.returncode == 2 and "no such config file" in p.stderr
+    p = cli("train.py", "--config", tmp_path, check=False)
+    assert p.returncode == 2 and p.stderr.strip() == f"error: {tmp_path}: is a folder, not a config file (e.g. configs/digits.toml)"
+    (tmp_path / "latin1.toml").write_bytes('name = "caf\xe9"\n'.encode("latin-1"))
+    p = cli("train.py", "--config", tmp_path / "latin1.toml", check=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "not UTF-8 text" in p.stderr
 
 
 def test_dry_run_prints_config_data_and_parameter_counts(tiny, cli, tmp_path):
