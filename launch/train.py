@@ -69,6 +69,9 @@ def main(argv=None) -> int:
     if summary["stopped_by"]:
         return finish(EXIT_PREEMPTED, f"stopped by {summary['stopped_by']} at step {summary['step']} after a "
                                       f"checkpoint; run the same command again to continue")
+    if summary.get("already_complete"):
+        return finish(0, f"already complete: step {summary['step']} reached train.max_steps; nothing to do "
+                         f"(raise train.max_steps to train on), run in {summary['run_dir']}")
     if summary.get("sync_command"):
         print(f"W&B ran offline; upload with: {summary['sync_command']}")
     return finish(0, f"done: step {summary['step']}, epoch {summary['epoch']}, run in {summary['run_dir']}")

@@ -378,3 +378,14 @@ def test_any_damaged_checkpoint_file_is_detected_and_the_previous_one_used(tiny,
     assert name in caplog.text
     rows = [json.loads(line)["step"] for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
     assert rows == [2, 4, 6]                                    # resumed from step 2, step 4 redone
+
+
+def test_rerunning_a_finished_run_says_so_and_touches_nothing(tiny, tmp_path, cli):
+    args = ["--config", tiny, "--set", f'runs_dir="{tmp_path}"', "--set", 'log.wandb="offline"']
+    cli("train.py", *args, env={"WANDB_MODE": "offline"})
+    run = tmp_path / "tiny"
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    p = cli("train.py", *args, env={"WANDB_MODE": "offline"})
+    assert p.stdout.strip().splitlines()[-1].startswith("already complete: step 6 reached train.max_steps")
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 1          # no empty second W&B segment
