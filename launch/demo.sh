@@ -9,5 +9,5 @@ n=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 [ "$n" -ge 1 ] || n=2
 multi=""
 [ "$n" -gt 1 ] && multi="--multi_gpu"
-exec "$PY" -m accelerate.commands.launch $multi --num_processes "$n" --num_machines 1 --mixed_precision no \
+exec "$PY" launch/run.py $multi --num_processes "$n" --num_machines 1 --mixed_precision no \
     --dynamo_backend no launch/train.py --config configs/digits.toml "$@"

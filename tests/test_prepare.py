@@ -237,3 +237,14 @@ def test_cifar_pickle_with_foreign_objects_is_refused(tmp_path):
     (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": Interrupt}, protocol=2))
     with pytest.raises(UserError, match="refusing to load"):
         open_source("cifar10", folder)
+
+
+def test_converter_touches_only_its_own_temporary_files(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tmp").write_text("a user's own file")
+    (out / "folder.tmp").mkdir()
+    (out / "shard-000000.tar.tmp").write_bytes(b"left by a killed conversion")
+    prepare(open_source("digits", None), out, PrepareOptions("digits", None, resolution=8), progress=False)
+    assert (out / "thesis.tmp").read_text() == "a user's own file" and (out / "folder.tmp").is_dir()
+    assert not (out / "shard-000000.tar.tmp").exists() and (out / "manifest.json").exists()

@@ -194,8 +194,9 @@ def _start_or_resume(out: Path, params: dict, overwrite: bool) -> list[dict]:
         raise UserError(f"--out {out}: cannot create ({e.strerror})") from None
     if not os.access(out, os.W_OK):
         raise UserError(f"--out {out}: not writable")
-    for tmp in out.glob("*.tmp"):
-        tmp.unlink()
+    for tmp in out.glob("*.tmp"):          # only what the converter itself writes: shard-*.tar.tmp and its JSON
+        if tmp.is_file() and (tmp.name.startswith("shard-") or tmp.name in (f"{MANIFEST}.tmp", f"{STATE}.tmp")):
+            tmp.unlink()
     if not state_path.exists():
         if any(out.glob("shard-*")):
             raise UserError(f"{out}: holds shard files but no {STATE} or {MANIFEST}; "
