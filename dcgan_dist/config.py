@@ -167,11 +167,11 @@ def _full(name: str) -> str:
     return name if name in KEYS else next((k for k in KEYS if k.endswith("." + name)), name)
 
 
-def _flatten(d: dict, prefix="") -> dict:
+def flatten(d: dict, prefix="") -> dict:
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -194,7 +194,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise UserError(f"{path}: cannot read ({e.strerror})") from None
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"{path}: invalid TOML ({e})") from None
-        for key, value in _flatten(data).items():
+        for key, value in flatten(data).items():
             _set(cfg, key, value, str(path))
     for item in overrides:
         if "=" not in item:
@@ -210,7 +210,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 
 def validate(cfg: Config) -> None:
-    flat = _flatten(cfg.to_dict())
+    flat = flatten(cfg.to_dict())
     for key, value in flat.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{key} = {value!r}: must be a finite number")

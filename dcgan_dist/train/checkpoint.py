@@ -14,7 +14,6 @@ altered file (an RNG state included, which Accelerate itself would skip with an 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -25,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..data.shards import sha256_file
 from ..errors import UserError, disk_error
 
 log = logging.getLogger("dcgan_dist")
@@ -88,7 +88,7 @@ def save(acc, nets, state: TrainState, root: Path, config_toml: str, keep: int, 
             save_file({"fixed_noise": state.fixed_noise.contiguous()}, str(tmp / NOISE_FILE))
             scalers = {"scaler_g": nets.scaler_g.state_dict(), "scaler_d": nets.scaler_d.state_dict()}
             (tmp / STATE_FILE).write_text(json.dumps({**state.to_json(), **scalers}, indent=1))
-            sums = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+            sums = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
             (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -118,14 +118,6 @@ def _injected_disk_full(step: int, rank: int, where: Path) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where / "model.safetensors"))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify(path: Path) -> None:
     """Raise ValueError naming the first file that is missing or differs from checksums.json (checkpoints
     written before checksums existed are not verified)."""
@@ -136,7 +128,7 @@ def verify(path: Path) -> None:
     for name, digest in sums.items():
         if not (path / name).is_file():
             raise ValueError(f"{name} missing")
-        if _sha256(path / name) != digest:
+        if sha256_file(path / name) != digest:
             raise ValueError(f"{name} differs from its checksum (truncated or altered)")
 
 

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm import tqdm
 
-from ..config import Config, to_toml
+from ..config import Config, flatten, to_toml
 from ..data import ShardLoader, load_manifest, to_device
 from ..data.shards import fingerprint
 from ..errors import TrainingDiverged, UserError
@@ -179,9 +179,9 @@ def _resume(acc: Accelerator, nets: Nets, cfg: Config, manifest: dict) -> TrainS
     if resumed is None:
         torch.manual_seed(cfg.train.seed + 1 + acc.process_index)  # each rank draws its own z
     else:
-        saved = _flat(tomllib.loads((resumed / "config.toml").read_text()))
+        saved = flatten(tomllib.loads((resumed / "config.toml").read_text()))
         saved.update(world_size=state.world_size or now_world, data=state.data or now_data)
-        now = {**_flat(cfg.to_dict()), "world_size": now_world, "data": now_data}
+        now = {**flatten(cfg.to_dict()), "world_size": now_world, "data": now_data}
         safe, breaking = compare(saved, now)
         if breaking and not cfg.checkpoint.allow_changes:
             raise UserError(f"resuming {resumed} with changes that break an exact continuation: "
@@ -204,13 +204,6 @@ def _resume(acc: Accelerator, nets: Nets, cfg: Config, manifest: dict) -> TrainS
         acc.wait_for_everyone()
     state.world_size, state.data = now_world, now_data
     return state
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: ShardLoader, stop: StopRequest):
