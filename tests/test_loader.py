@@ -147,3 +147,16 @@ def test_to_device_maps_uint8_to_minus_one_one_channels_last():
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert y[0, 0, 0].tolist() == pytest.approx([-1.0, 1.0, 128 / 127.5 - 1], abs=1e-6)
     assert to_device(x, "cpu", channels_last=False).is_contiguous()
+
+
+def test_a_script_that_exits_with_a_live_loader_does_not_hang(tmp_path):
+    """Workers ignore SIGTERM; multiprocessing's exit handler would wait on them forever without the loader's
+    own exit hook."""
+    import subprocess
+    import sys
+    write_indexed_shards(tmp_path, 64, shard_size=32, chunk_size=16)
+    code = ("import sys; from dcgan_dist.data import ShardLoader; "
+            "loader = ShardLoader(sys.argv[1], batch_size=8, num_workers=2); it = iter(loader); next(it); "
+            "raise SystemExit(7)")
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], timeout=60, capture_output=True)
+    assert p.returncode == 7

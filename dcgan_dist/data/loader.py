@@ -22,8 +22,10 @@ from worker ``g % W``; on a restart at ``g0`` worker ``k`` serves logical slot `
 
 from __future__ import annotations
 
+import atexit
 import logging
 import signal
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
@@ -164,6 +166,7 @@ class ShardLoader:
         self.batches = start_batch
         self.corrupt_chunks = 0
         self._it = None
+        _LIVE.add(self)
         self._dl = DataLoader(self.stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                               prefetch_factor=prefetch_factor if num_workers else None,
                               persistent_workers=False, worker_init_fn=_ignore_stop_signals,
@@ -209,6 +212,18 @@ class ShardLoader:
                 batch = pending.pop(self.batches)
                 self.batches += 1
                 yield batch
+
+
+# Loaders whose workers may still run. At exit, multiprocessing terminates (SIGTERM, ignored by our workers) and
+# joins every worker, which would wait forever; this hook, registered after multiprocessing's own (atexit runs
+# last-registered first), stops them first, whoever forgot to close the loader.
+_LIVE: "weakref.WeakSet[ShardLoader]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_loaders() -> None:
+    for loader in list(_LIVE):
+        loader.close()
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
