@@ -74,3 +74,13 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         return
     if os.getppid() != parent:                         # the parent died before prctl took effect
         os.kill(os.getpid(), sig)
+
+
+def injected_fault(rank: int) -> tuple[str, int] | None:
+    """DCGAN_DIST_FAULT=KIND@STEP[@RANK] (tests): ``(kind, step)`` when it applies to this rank, else None.
+    Kinds: ``nan`` (that batch becomes NaN), ``raise`` (the step raises), ``enospc`` (the checkpoint at STEP
+    fails as on a full disk)."""
+    kind, *rest = os.environ.get("DCGAN_DIST_FAULT", "").split("@")
+    if kind and rest and (len(rest) < 2 or int(rest[1]) == rank):
+        return kind, int(rest[0])
+    return None

@@ -140,6 +140,15 @@ class _ShardStream(IterableDataset):
             return None
 
 
+def check_fills(root, num_images: int, batch_size: int, world_size: int, num_workers: int) -> None:
+    """Every rank's every loader worker needs at least one batch per epoch (see the epoch plan above)."""
+    slots = world_size * max(1, num_workers)
+    if num_images // (slots * batch_size) == 0:
+        raise UserError(f"{root}: {num_images} images cannot fill one batch of {batch_size} for each of "
+                        f"{world_size} ranks x {max(1, num_workers)} loader workers; lower the batch size "
+                        f"(train.batch_size) or the number of workers (data.workers)")
+
+
 class ShardLoader:
     """Infinite iterator of ``(uint8 images B x H x W x C, int64 labels B)`` for one rank.
 
@@ -151,18 +160,17 @@ class ShardLoader:
     def __init__(self, root: str | Path, batch_size: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 2, seed: int = 0, shuffle_window: int = 4096, start_batch: int = 0,
                  verify: str = "size", resolution: int | None = None, channels: int | None = None,
-                 pin_memory: bool = False, prefetch_factor: int = 4) -> None:
+                 pin_memory: bool = False, prefetch_factor: int = 4, manifest: dict | None = None) -> None:
+        """``manifest``: one already returned by ``load_manifest`` for this root and these checks (the trainer's
+        pre-flight), so the shards are not verified twice."""
         self.root = Path(root)
-        self.manifest = load_manifest(self.root, verify, resolution, channels)
+        self.manifest = manifest or load_manifest(self.root, verify, resolution, channels)
         if batch_size < 1 or num_workers < 0:
             raise UserError(f"batch size must be >= 1 and workers >= 0 (got {batch_size}, {num_workers})")
         self.num_slots = max(1, num_workers)
+        check_fills(self.root, self.manifest["num_images"], batch_size, world_size, num_workers)
         self.stream = _ShardStream(self.root, self.manifest, batch_size, rank, world_size, self.num_slots,
                                    seed, shuffle_window, start_batch)
-        if self.stream.batches_per_slot == 0:
-            raise UserError(f"{self.root}: {self.manifest['num_images']} images cannot fill one batch of "
-                            f"{batch_size} for each of {world_size} ranks x {self.num_slots} loader workers; "
-                            f"lower the batch size or the number of workers")
         self.batches = start_batch
         self.corrupt_chunks = 0
         self._it = None

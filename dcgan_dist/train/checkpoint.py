@@ -14,8 +14,10 @@ altered file (an RNG state included, which Accelerate itself would skip with an 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -26,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from ..data.shards import sha256_file
 from ..errors import UserError, disk_error
+from ..runtime import injected_fault
 
 log = logging.getLogger("dcgan_dist")
 PATTERN = re.compile(r"^step_(\d{8})$")
@@ -81,7 +84,8 @@ def save(acc, nets, state: TrainState, root: Path, config_toml: str, keep: int, 
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True)
-        _injected_disk_full(state.step, acc.process_index, tmp)
+        if injected_fault(acc.process_index) == ("enospc", state.step):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / "model.safetensors"))
         acc.wait_for_everyone()
         if acc.is_main_process:
             (tmp / "config.toml").write_text(config_toml)    # lets sample.py rebuild G without the run dir
@@ -107,15 +111,6 @@ def save(acc, nets, state: TrainState, root: Path, config_toml: str, keep: int, 
                 shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
     return final
-
-
-def _injected_disk_full(step: int, rank: int, where: Path) -> None:
-    """DCGAN_DIST_FAULT=enospc@STEP[@RANK]: the checkpoint at STEP fails as on a full disk (tests)."""
-    import errno
-    import os
-    kind, *rest = os.environ.get("DCGAN_DIST_FAULT", "").split("@")
-    if kind == "enospc" and int(rest[0]) == step and (len(rest) < 2 or int(rest[1]) == rank):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where / "model.safetensors"))
 
 
 def verify(path: Path) -> None:

@@ -21,9 +21,10 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm import tqdm
 
 from ..config import Config, flatten, to_toml
-from ..data import ShardLoader, load_manifest, to_device
+from ..data import ShardLoader, to_device
 from ..data.shards import fingerprint
 from ..errors import TrainingDiverged, UserError
+from ..runtime import injected_fault
 from ..models import build_models, count_parameters
 from . import checkpoint
 from .checkpoint import TrainState
@@ -36,7 +37,7 @@ log = logging.getLogger("dcgan_dist")
 
 def describe(cfg: Config) -> str:
     """What --dry-run prints: resolved config, data summary, parameter counts."""
-    m = load_manifest(cfg.data.shards, "size", cfg.data.resolution, cfg.data.channels)
+    m = preflight(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     g, d = build_models(cfg)
     return (f"{to_toml(cfg)}\n# data: {cfg.data.shards}: {m['num_images']} images, {m['resolution']} px, "
             f"{m['channels']} ch, {len(m['shards'])} shards, source {m.get('source')}, "
@@ -101,15 +102,6 @@ class StopRequest:
         self.signalled = signal.Signals(signum).name
 
 
-def _injected_fault(rank: int) -> tuple[str, int] | None:
-    """DCGAN_DIST_FAULT=KIND@STEP[@RANK] (tests): ``nan`` makes that rank's batch NaN at STEP, ``raise`` makes
-    it raise there; ``enospc`` (checkpoint.py) makes the checkpoint at STEP fail as on a full disk."""
-    kind, *rest = os.environ.get("DCGAN_DIST_FAULT", "").split("@")
-    if kind in ("nan", "raise") and (len(rest) < 2 or int(rest[1]) == rank):
-        return kind, int(rest[0])
-    return None
-
-
 def train(cfg: Config) -> dict:
     """Train until max_steps (or max_epochs, or a stop request); returns a summary of the run.
 
@@ -136,7 +128,7 @@ def train(cfg: Config) -> dict:
         loader = ShardLoader(cfg.data.shards, cfg.train.batch_size, acc.process_index, acc.num_processes,
                              cfg.data.workers, cfg.train.seed, cfg.data.shuffle_window, state.loader_batches,
                              cfg.data.verify, cfg.data.resolution, cfg.data.channels,
-                             pin_memory=acc.device.type == "cuda")
+                             pin_memory=acc.device.type == "cuda", manifest=manifest)
         with StopRequest(Path(os.environ.get("DCGAN_DIST_STOP_FILE", cfg.run_dir / "STOP"))) as stop:
             return _loop(acc, cfg, nets, state, loader, stop)
     finally:
@@ -217,7 +209,7 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
     nonfinite = torch.zeros((), dtype=torch.bool, device=acc.device)
     t_last, steps_since = time.perf_counter(), 0
     unwrapped_g = acc.unwrap_model(nets.G)
-    fault = _injected_fault(acc.process_index)
+    fault = injected_fault(acc.process_index)
     batches = iter(loader)
     stopped_by = None
     last = state.step >= cfg.train.max_steps

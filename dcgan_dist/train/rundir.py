@@ -58,13 +58,10 @@ def preflight(cfg: Config, world_size: int) -> dict:
     ends the job before any rank waits on another): the shards, and whether they fill one batch per rank
     and loader worker. Returns the manifest."""
     from ..data import load_manifest
+    from ..data.loader import check_fills
 
     m = load_manifest(cfg.data.shards, cfg.data.verify, cfg.data.resolution, cfg.data.channels)
-    slots = world_size * max(1, cfg.data.workers)
-    if m["num_images"] // (slots * cfg.train.batch_size) == 0:
-        raise UserError(f"{cfg.data.shards}: {m['num_images']} images cannot fill one batch of "
-                        f"{cfg.train.batch_size} for each of {world_size} ranks x {max(1, cfg.data.workers)} "
-                        f"loader workers; lower train.batch_size or data.workers")
+    check_fills(cfg.data.shards, m["num_images"], cfg.train.batch_size, world_size, cfg.data.workers)
     return m
 
 
