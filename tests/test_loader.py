@@ -10,7 +10,7 @@ import torch
 
 import conftest
 from dcgan_dist.data import ShardLoader, load_manifest, to_device
-from dcgan_dist.data.shards import MANIFEST
+from dcgan_dist.data.shards import MANIFEST, read_shards, write_json_atomic
 from dcgan_dist.data.synthetic import image_index, write_indexed_shards
 from dcgan_dist.errors import UserError
 
@@ -138,6 +138,51 @@ def test_corrupt_member_is_skipped_counted_and_named(tmp_path, caplog):
     assert f"skipping corrupt chunk {chunk['key']} in {tmp_path / 'shard-000001.tar'}" in caplog.text
     seen = set(sum(ids(batches), []))
     assert not seen & set(range(32, 48))                         # the corrupt chunk's images never appear
+
+
+def _epoch_ids(root, **kw):
+    loader = ShardLoader(root, batch_size=8, num_workers=0, seed=0, **kw)
+    batches = take(loader, loader.batches_per_epoch)
+    assert len(batches) == loader.batches_per_epoch and all(len(x) == 8 for x, _ in batches)
+    return loader, sum(ids(batches), [])
+
+
+def test_same_size_byte_changes_are_caught_by_the_chunk_checksum(tmp_path, caplog):
+    """Issue 9 §3: pixels overwritten inside a shard (size unchanged) used to be trained on silently."""
+    m = write_indexed_shards(tmp_path, 64, shard_size=32, chunk_size=16)
+    chunk = m["shards"][1]["chunks"][1]                          # images 48..63
+    with open(tmp_path / "shard-000001.tar", "r+b") as f:
+        f.seek(chunk["images"][0] + chunk["images"][1] - 4096)  # inside the pixels, the npy header intact
+        f.write(b"\xff" * 4096)
+    with caplog.at_level(logging.WARNING):
+        loader, seen = _epoch_ids(tmp_path)
+    assert loader.corrupt_chunks == 1
+    assert f"skipping corrupt chunk {chunk['key']}" in caplog.text and "checksum differs" in caplog.text
+    assert not set(seen) & set(range(48, 64)) and set(range(48)) <= set(seen)
+    with pytest.raises(UserError, match=f"chunk {chunk['key']} differs from the manifest's checksum"):
+        list(read_shards(tmp_path))
+    loader, seen = _epoch_ids(tmp_path, verify="none")            # the switch that turns every check off
+    assert loader.corrupt_chunks == 0 and 0xFFFFFF in seen     # image 63, now all white, is trained on
+
+
+def test_a_shard_replaced_by_a_same_size_copy_of_another_is_caught(tmp_path):
+    write_indexed_shards(tmp_path, 96, shard_size=32, chunk_size=16)
+    (tmp_path / "shard-000000.tar").write_bytes((tmp_path / "shard-000002.tar").read_bytes())
+    load_manifest(tmp_path)                                       # same sizes: the up-front check passes
+    loader, seen = _epoch_ids(tmp_path)
+    assert loader.corrupt_chunks == 2
+    assert not set(seen) & set(range(32)) and set(seen) == set(range(32, 96))
+
+
+def test_manifests_without_chunk_checksums_still_load(tmp_path):
+    m = write_indexed_shards(tmp_path, 64, shard_size=32, chunk_size=16)
+    for shard in m["shards"]:
+        for c in shard["chunks"]:
+            assert isinstance(c.pop("crc32"), int)
+    write_json_atomic(tmp_path / MANIFEST, m)
+    loader, seen = _epoch_ids(tmp_path)
+    assert loader.corrupt_chunks == 0 and sorted(seen) == list(range(64))
+    assert len(list(read_shards(tmp_path))) == 64
 
 
 def test_to_device_maps_uint8_to_minus_one_one_channels_last():

@@ -44,8 +44,9 @@ class _ShardStream(IterableDataset):
     ``images`` holds n consecutive batches of its slot, i.e. rank batches g, g+W, ..., g+(n-1)W."""
 
     def __init__(self, root: Path, manifest: dict, batch_size: int, rank: int, world_size: int,
-                 num_slots: int, seed: int, shuffle_window: int, start_batch: int) -> None:
+                 num_slots: int, seed: int, shuffle_window: int, start_batch: int, check: bool) -> None:
         self.root = root
+        self.check = check
         self.shape = (manifest["resolution"], manifest["resolution"], manifest["channels"])
         self.chunks = [(s["name"], c) for s in manifest["shards"] for c in s["chunks"]]
         self.sizes = np.array([c["n"] for _, c in self.chunks], dtype=np.int64)
@@ -131,7 +132,7 @@ class _ShardStream(IterableDataset):
         if len(self._files) > 32:                        # bound open files per worker
             self._files.popitem(last=False)[1].close()
         try:
-            return read_chunk(f, chunk, self.shape)
+            return read_chunk(f, chunk, self.shape, self.check)
         except (ValueError, OSError) as e:
             if (name, chunk["key"]) not in self._warned:
                 self._warned.add((name, chunk["key"]))
@@ -170,7 +171,7 @@ class ShardLoader:
         self.num_slots = max(1, num_workers)
         check_fills(self.root, self.manifest["num_images"], batch_size, world_size, num_workers)
         self.stream = _ShardStream(self.root, self.manifest, batch_size, rank, world_size, self.num_slots,
-                                   seed, shuffle_window, start_batch)
+                                   seed, shuffle_window, start_batch, check=verify != "none")
         self.batches = start_batch
         self.corrupt_chunks = 0
         self._it = None
