@@ -137,6 +137,82 @@ def test_center_crop_then_antialiased_resize(tmp_path):
     assert (x[..., 0] == 0).all() and (x[..., 2] == 200).all()
 
 
+def _folder_images(tmp_path, files: dict, channels: int = 3) -> dict:
+    """Write ``{name: writer(path)}`` into a folder, convert it at 32 px, return ``{name: pixels}``."""
+    src = tmp_path / f"src{channels}"
+    src.mkdir()
+    for name, write in files.items():
+        write(src / name)
+    prepare(open_source("folder", src), tmp_path / f"out{channels}",
+            PrepareOptions("folder", None, resolution=32, channels=channels), progress=False)
+    return {key: x for x, _, key in read_shards(tmp_path / f"out{channels}", with_keys=True)}
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_folder_16_bit_grey_png_is_scaled_not_clipped(tmp_path, channels):
+    """Issue 9 §3: PIL's convert clipped 16-bit grey to 255, so mid-grey was stored as white."""
+    def write(path):
+        ramp = np.repeat(np.array([0, 32768, 65535], np.uint16), [12, 8, 12])
+        Image.fromarray(np.tile(ramp, (32, 1))).save(path)       # mode I;16
+    x = _folder_images(tmp_path, {"grey16.png": write}, channels)["grey16.png"]
+    assert x.shape == (32, 32, channels)
+    assert (x[:, :12] == 0).all() and (x[:, 12:20] == 128).all() and (x[:, 20:] == 255).all()
+
+
+def test_folder_exif_rotated_jpeg_is_stored_upright(tmp_path):
+    """A phone photo: pixels stored sideways plus an orientation tag (6: turn 90 degrees clockwise to view)."""
+    upright = np.zeros((64, 64, 3), np.uint8)
+    upright[:32] = 255                                           # top half white, bottom half black
+    def write(path):
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(path, quality=95, exif=exif)
+    x = _folder_images(tmp_path, {"phone.jpg": write})["phone.jpg"].astype(int)
+    assert x[:12].min() > 240 and x[20:].max() < 15             # top white, bottom black, not left/right
+
+
+def test_folder_transparency_is_composited_on_white(tmp_path):
+    """Colour hidden under alpha 0 (here red or green) must not reach the shards: transparent is white."""
+    def rgba(path):
+        img = np.zeros((32, 32, 4), np.uint8)
+        img[:, :16] = (0, 0, 0, 255)                             # opaque black
+        img[:, 16:] = (255, 0, 0, 0)                             # fully transparent red
+        img[:8, :16] = (0, 0, 255, 128)                          # half-transparent blue
+        Image.fromarray(img, "RGBA").save(path)
+
+    def palette(path):
+        img = Image.fromarray(np.repeat(np.array([[1] * 16 + [0] * 16], np.uint8), 32, axis=0), "P")
+        img.putpalette([0, 255, 0, 0, 0, 0] + [0] * 762)        # index 0 green (transparent), 1 black
+        img.save(path, transparency=0)
+
+    def grey_alpha(path):
+        img = np.zeros((32, 32, 2), np.uint8)
+        img[:, :16] = (0, 255)
+        img[:, 16:] = (0, 0)                                     # transparent black
+        Image.fromarray(img, "LA").save(path)
+
+    files = {"rgba.png": rgba, "palette.png": palette, "la.png": grey_alpha, "palette.gif": palette}
+    for channels in (3, 1):
+        out = _folder_images(tmp_path, files, channels)
+        for name, x in out.items():
+            assert (x[8:, :16] == 0).all() and (x[:, 16:] == 255).all(), (name, channels)
+        half_blue = np.array([127, 127, 255])                   # 50% blue over white
+        if channels == 1:                                        # ITU-R 601 luma, as PIL's "L"
+            half_blue = np.array([round(0.299 * 127 + 0.587 * 127 + 0.114 * 255)])
+        assert np.abs(out["rgba.png"][:8, :16].astype(int) - half_blue).max() <= 2
+
+
+def test_folder_32_bit_float_image_is_skipped_with_a_reason(tmp_path):
+    m_src = tmp_path / "src"
+    m_src.mkdir()
+    Image.fromarray(np.full((32, 32), 0.5, np.float32)).save(m_src / "float.tif")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(m_src / "ok.png")
+    m = prepare(open_source("folder", m_src), tmp_path / "out", PrepareOptions("folder", None, resolution=32),
+                progress=False)
+    assert m["num_images"] == 1 and m["skipped"]["items"][0][0] == "float.tif"
+    assert "32-bit floating-point pixels" in m["skipped"]["items"][0][1]
+
+
 def test_folder_labels_from_subfolders_and_bad_files_skipped(tmp_path):
     rng = np.random.default_rng(0)
     for cls, n in (("cats", 3), ("dogs", 4)):

@@ -335,6 +335,35 @@ def _download_torchvision(dataset: str, root: Path) -> Path:
     return root
 
 
+# Transparent pixels are composited on this colour (white, as browsers and image viewers show them on a page).
+BACKGROUND = (255, 255, 255)
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_mode(img, channels: int):
+    """A decoded PIL image -> upright "L" or "RGB" pixels, converted the way a person would see the file.
+
+    PIL's own ``convert`` gets three kinds of file wrong: 16-bit greyscale (it clips to 255 instead of
+    scaling: mid-grey becomes white), EXIF-rotated photos (the pixels are stored sideways with an
+    orientation tag), and transparency (RGBA, LA, or a palette/tRNS transparent colour: it keeps whatever
+    colour hides under alpha 0). So: apply the EXIF orientation, scale 16-bit grey by 255/65535
+    (16-bit colour PNGs PIL already reduces correctly), and composite transparency on ``BACKGROUND``.
+    """
+    from PIL import Image, ImageOps
+
+    if img.getexif().get(0x0112, 1) != 1:             # 0x0112: Orientation; 1 = stored upright
+        img = ImageOps.exif_transpose(img)
+    if img.mode in _WIDE_GREY:
+        wide = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.rint(wide * (255.0 / 65535.0)), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        raise ValueError("32-bit floating-point pixels have no standard range; convert the file to 8 or 16 bit")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (*BACKGROUND, 255)), rgba)
+    return img.convert("L" if channels == 1 else "RGB")
+
+
 def decode_image(payload: object, resolution: int, channels: int) -> np.ndarray:
     """Decode, center-crop to a square and resize once (antialiased) -> uint8 H x W x C.
 
@@ -352,7 +381,7 @@ def decode_image(payload: object, resolution: int, channels: int) -> np.ndarray:
         # JPEG can decode at 1/2, 1/4, 1/8 scale for free; draft keeps the result >= the target size.
         img.draft("L" if channels == 1 else "RGB", (resolution, resolution))
         img.load()
-    img = img.convert("L" if channels == 1 else "RGB")
+    img = to_mode(img, channels)
     w, h = img.size
     side = min(w, h)
     if w != h:
