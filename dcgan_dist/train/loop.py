@@ -42,11 +42,12 @@ def describe(cfg: Config) -> str:
     return (f"{to_toml(cfg)}\n# data: {cfg.data.shards}: {m['num_images']} images, {m['resolution']} px, "
             f"{m['channels']} ch, {len(m['shards'])} shards, source {m.get('source')}, "
             f"classes {m.get('class_names')}\n"
-            f"# generator: {count_parameters(g):,} parameters; discriminator: {count_parameters(d):,} parameters\n")
+            f"# generator: {count_parameters(g):,} parameters; discriminator: {count_parameters(d):,} parameters\n"
+            f"# wandb: {wandb_mode(cfg.log.wandb)} (log.wandb = {cfg.log.wandb!r})\n")
 
 
-def _accelerator(cfg: Config) -> Accelerator:
-    use_wandb = wandb_mode(cfg.log.wandb) != "disabled"
+def _accelerator(cfg: Config, wandb: str) -> Accelerator:
+    use_wandb = wandb != "disabled"
     return Accelerator(
         cpu=not torch.cuda.is_available(),       # without it a CPU-only --multi_gpu launch runs undistributed
         mixed_precision="no",                    # precision is ours: per-network scalers, see step.py
@@ -111,10 +112,12 @@ def train(cfg: Config) -> dict:
     """
     world = int(os.environ.get("WORLD_SIZE", 1))
     manifest = preflight(cfg, world)
-    lock = RunLock(cfg.run_dir) if int(os.environ.get("RANK", 0)) == 0 else None
+    main = int(os.environ.get("RANK", 0)) == 0
+    wandb = wandb_mode(cfg.log.wandb, main)          # may wait PROBE_TIMEOUT_S for W&B to answer
+    lock = RunLock(cfg.run_dir) if main else None
     loader = None
     try:
-        acc = _accelerator(cfg)
+        acc = _accelerator(cfg, wandb)
         _warn_precision(acc, cfg)
         if acc.is_main_process:
             _prepare_run_dir(cfg)
@@ -130,7 +133,7 @@ def train(cfg: Config) -> dict:
                              cfg.data.verify, cfg.data.resolution, cfg.data.channels,
                              pin_memory=acc.device.type == "cuda", manifest=manifest)
         with StopRequest(Path(os.environ.get("DCGAN_DIST_STOP_FILE", cfg.run_dir / "STOP"))) as stop:
-            return _loop(acc, cfg, nets, state, loader, stop)
+            return _loop(acc, cfg, nets, state, loader, stop, wandb)
     finally:
         if loader is not None:
             loader.close()
@@ -198,10 +201,11 @@ def _resume(acc: Accelerator, nets: Nets, cfg: Config, manifest: dict) -> TrainS
     return state
 
 
-def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: ShardLoader, stop: StopRequest):
+def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: ShardLoader, stop: StopRequest,
+          wandb: str):
     main, run_dir = acc.is_main_process, cfg.run_dir
     ckpt_root = run_dir / "checkpoints"
-    mode = _start_trackers(acc, cfg, state)
+    mode = _start_trackers(acc, cfg, state, wandb)
     metrics = MetricsFile(run_dir / "metrics.jsonl", keep_until=state.step) if main else None
     bar = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not (main and cfg.log.progress_bar),
                unit="step", dynamic_ncols=True)
@@ -277,15 +281,21 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
     return summary
 
 
-def _start_trackers(acc: Accelerator, cfg: Config, state: TrainState) -> str:
+def _start_trackers(acc: Accelerator, cfg: Config, state: TrainState, mode: str) -> str:
     """W&B through Accelerate (rank 0 only); the run id lives in the checkpoint so a resume continues the run."""
-    mode = wandb_mode(cfg.log.wandb)
     if mode != "disabled":
         if acc.is_main_process and not state.wandb_id:
             state.wandb_id = uuid.uuid4().hex[:12]
-        acc.init_trackers(cfg.log.project, config=cfg.to_dict(), init_kwargs={"wandb": {
-            "name": cfg.name, "id": state.wandb_id or None, "resume": "allow", "dir": str(cfg.run_dir),
-            "mode": mode, "entity": cfg.log.entity or None, "group": os.environ.get("SLURM_JOB_ID")}})
+        try:
+            acc.init_trackers(cfg.log.project, config=cfg.to_dict(), init_kwargs={"wandb": {
+                "name": cfg.name, "id": state.wandb_id or None, "resume": "allow", "dir": str(cfg.run_dir),
+                "mode": mode, "entity": cfg.log.entity or None, "group": os.environ.get("SLURM_JOB_ID")}})
+        except Exception as e:  # noqa: BLE001 - wandb raises its own types (CommError, UsageError, AuthenticationError)
+            if not type(e).__module__.startswith("wandb"):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise UserError(f"W&B could not start in {mode} mode ({type(e).__name__}: {first}); fix it or set "
+                            f'log.wandb = "offline" (upload later with wandb sync) or "disabled"') from None
     return mode
 
 

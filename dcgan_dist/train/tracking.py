@@ -6,7 +6,11 @@ import json
 import logging
 import netrc
 import os
+import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torchvision.utils import make_grid, save_image
@@ -16,18 +20,76 @@ from ..errors import UserError
 log = logging.getLogger("dcgan_dist")
 
 
-def wandb_mode(mode: str) -> str:
-    """``auto`` -> online when W&B credentials exist (WANDB_API_KEY or ~/.netrc), else offline."""
-    if mode != "auto":
-        return mode
+PROBE_TIMEOUT_S = 5.0     # how long "auto" and "online" wait for W&B to answer before training starts
+
+
+def wandb_base_url() -> str:
+    return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/")
+
+
+def wandb_credentials(base: str) -> bool:
+    """W&B's own places: WANDB_API_KEY, or a ~/.netrc entry for the server's host (what `wandb login` writes)."""
     if os.environ.get("WANDB_API_KEY"):
-        return "online"
+        return True
     try:
-        if netrc.netrc().authenticators("api.wandb.ai"):
-            return "online"
+        return bool(netrc.netrc().authenticators(urlparse(base).hostname or ""))
     except (OSError, netrc.NetrcParseError):
-        pass
-    return "offline"
+        return False
+
+
+def probe(base: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """None when the W&B server answers within ``timeout`` seconds, else why not. Any HTTP answer below 500
+    counts (the network and the server are up; credentials are W&B's to check). The request runs in a
+    thread so that a hanging DNS lookup, which the socket timeout does not cover, is bounded too."""
+    result: list = []
+
+    def ask() -> None:
+        try:
+            urllib.request.urlopen(f"{base}/healthz", timeout=timeout).close()
+            result.append(None)
+        except urllib.error.HTTPError as e:
+            result.append(None if e.code < 500 else f"HTTP {e.code}")
+        except Exception as e:  # noqa: BLE001 - URLError, timeouts, SSL errors: all mean "not reachable"
+            result.append(f"{type(e).__name__}: {getattr(e, 'reason', e)}")
+
+    t = threading.Thread(target=ask, daemon=True, name="wandb-probe")
+    t.start()
+    t.join(timeout + 0.5)
+    return result[0] if result else f"no answer within {timeout:g} s"
+
+
+def wandb_mode(mode: str, main: bool = True, timeout: float = PROBE_TIMEOUT_S) -> str:
+    """The W&B mode to run in, decided before training starts (UserError for an "online" that cannot work).
+
+    ``auto``: online when credentials exist and the server answers within ``timeout`` seconds, otherwise
+    offline (with a warning when credentials exist: a compute node without network); the run's summary then
+    names the ``wandb sync`` command. Only the main process logs, so only it probes. ``online``: missing
+    credentials or no answer is an error on every rank, before any process group exists.
+    """
+    if mode in ("offline", "disabled"):
+        return mode
+    base = wandb_base_url()
+    has_key = wandb_credentials(base)
+    if mode == "auto":
+        if not has_key:
+            return "offline"
+        if not main:
+            return "online"
+        reason = probe(base, timeout)
+        if reason is not None:
+            log.warning("W&B: credentials found but %s did not answer (%s); logging offline into the run "
+                        "directory instead (the sync command is printed at the end)", base, reason)
+            return "offline"
+        return "online"
+    if not has_key:
+        raise UserError(f'log.wandb = "online" but no W&B credentials (WANDB_API_KEY, or ~/.netrc for '
+                        f'{urlparse(base).hostname}); run `wandb login`, or set log.wandb = "offline" or "auto"')
+    reason = probe(base, timeout)
+    if reason is not None:
+        raise UserError(f'log.wandb = "online" but W&B at {base} did not answer ({reason}); check the network, '
+                        f'or set log.wandb = "offline" (upload later with wandb sync) or "auto" (offline when '
+                        f'W&B cannot be reached)')
+    return "online"
 
 
 class MetricsFile:
