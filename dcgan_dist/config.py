@@ -39,6 +39,9 @@ class ModelConfig:
     init_g: bool = True                  # DCGAN init N(0, 0.02) conv / N(1, 0.02) BN scale for G
     init_d: bool = True                  # ... and for D
     sync_bn: bool = False                # SyncBatchNorm across GPUs (CUDA only)
+    ema: bool = True                     # keep G_ema, an exponential moving average of G (grids, samples, FID)
+    ema_kimg: float = 10.0               # its half-life in thousands of images seen (all ranks together)
+    ema_rampup: float = 0.05             # half-life at most this fraction of the images seen so far (0: off)
 
 
 @dataclass
@@ -83,6 +86,7 @@ class LogConfig:
     project: str = "dcgan_dist"
     entity: str = ""
     progress_bar: bool = True
+    raw_grid: bool = False               # with model.ema: also save the raw G's grid (samples/raw/)
 
 
 @dataclass
@@ -123,8 +127,9 @@ CHOICES = {
 }
 POSITIVE = {"model.latent", "model.ngf", "model.ndf", "loss.d_steps", "train.batch_size", "train.max_steps",
             "log.every", "log.sample_every", "log.n_samples", "checkpoint.every", "checkpoint.keep",
-            "optim.lr_g", "optim.lr_d", "train.fp16_init_scale", "data.shuffle_window", "train.sync_every"}
-UNIT_INTERVAL = {"loss.real_label", "loss.flip_prob", "optim.beta1", "optim.beta2"}
+            "optim.lr_g", "optim.lr_d", "train.fp16_init_scale", "data.shuffle_window", "train.sync_every",
+            "model.ema_kimg"}
+UNIT_INTERVAL = {"loss.real_label", "loss.flip_prob", "optim.beta1", "optim.beta2", "model.ema_rampup"}
 # Upper bounds far above any real use, so an absurd value is a clear error rather than a failed allocation.
 AT_MOST = {"model.latent": 16384, "model.ngf": 4096, "model.ndf": 4096, "train.batch_size": 1 << 16,
            "log.n_samples": 1024, "loss.d_steps": 100, "data.workers": 256, "train.seed": 2**63 - 1}

@@ -42,8 +42,12 @@ def env():
 
 def final_weights(run: Path) -> dict:
     ckpt = run / "checkpoints" / f"step_{STEPS:08d}"
-    return {**{f"G.{k}": v for k, v in load_file(ckpt / "model.safetensors").items()},
-            **{f"D.{k}": v for k, v in load_file(ckpt / "model_1.safetensors").items()}}
+    weights = {**{f"G.{k}": v for k, v in load_file(ckpt / "model.safetensors").items()},
+               **{f"D.{k}": v for k, v in load_file(ckpt / "model_1.safetensors").items()},
+               **{f"G_ema.{k}": v for k, v in load_file(ckpt / "ema.safetensors").items()}}
+    assert {k.replace("G_ema.", "G.", 1) for k in weights if k.startswith("G_ema.")} == \
+        {k for k in weights if k.startswith("G.")}                       # G_ema: all of G's tensors
+    return weights
 
 
 def assert_bitwise_equal(a: dict, b: dict):

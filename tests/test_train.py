@@ -24,8 +24,16 @@ def test_two_ranks_hold_bitwise_equal_weights_and_runs_reproduce(tiny, tmp_path)
     runs = tmp_path / "runs"
     a = launch("train", tmp_path / "a", tiny, f'runs_dir="{runs}"', 'name="a"')
     assert [r["num_processes"] for r in a] == [2, 2]
-    assert a[0]["params"] == a[1]["params"]                        # every G and D parameter, bitwise
-    assert len(a[0]["params"]) == (4 + 3 * 2) + (4 + 2 * 2)        # G: 4 convT + 3 BN; D: 4 conv + 2 BN
+    assert a[0]["params"] == a[1]["params"]                        # every G, D and G_ema parameter, bitwise
+    assert len(a[0]["params"]) == 2 * (4 + 3 * 2) + (4 + 2 * 2)    # G, G_ema: 4 convT + 3 BN; D: 4 conv + 2 BN
+    g_ema = [k for k in a[0]["params"] if k.startswith("E.")]
+    assert all(a[0]["params"][k] != a[0]["params"]["G." + k[2:]] for k in g_ema)   # an average, not a copy
+    # BatchNorm statistics: G's (and so G_ema's) are their mean over the ranks, identical on every rank; D's
+    # stay each rank's own (D is only used in training mode, DDP does not broadcast them)
+    stats = [k for k in a[0]["buffers"] if k[0] in "GE" and "num_batches" not in k]
+    assert len(stats) == 12 and all(a[0]["buffers"][k] == a[1]["buffers"][k] for k in stats)
+    assert all(a[0]["buffers"][k] == a[0]["buffers"]["G." + k[2:]] for k in stats if k[0] == "E")
+    assert any(a[0]["buffers"][k] != a[1]["buffers"][k] for k in a[0]["buffers"] if k.startswith("D."))
     b = launch("train", tmp_path / "b", tiny, f'runs_dir="{runs}"', 'name="b"')
     assert b[0]["params"] == a[0]["params"]                        # same seed, same world size: same weights
     c = launch("train", tmp_path / "c", tiny, f'runs_dir="{runs}"', 'name="c"', "train.seed=1")
@@ -60,7 +68,8 @@ def test_two_process_offline_run_makes_one_wandb_run_and_rank0_outputs(tiny, tmp
         assert key in rows[0]
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000006"]
     assert sorted(p.name for p in (run / "checkpoints" / "step_00000006").iterdir()) == [
-        "checksums.json", "config.toml", "fixed_noise.safetensors", "model.safetensors", "model_1.safetensors", "optimizer.bin",
+        "checksums.json", "config.toml", "ema.safetensors", "fixed_noise.safetensors", "model.safetensors",
+        "model_1.safetensors", "optimizer.bin",
         "optimizer_1.bin", "random_states_0.pkl", "random_states_1.pkl", "train_state.json"]
     grid = np.asarray(Image.open(run / "samples" / "step_00000006.png"))
     assert grid.shape[:2] == (2 * 34 + 2, 8 * 34 + 2)              # 16 samples, 8 per row, 2-px padding
@@ -216,11 +225,67 @@ def test_sample_on_a_damaged_checkpoint_or_missing_cuda_is_one_line(tiny, tmp_pa
         p = cli("sample.py", "--checkpoint", ckpt, "--out", tmp_path / "s", "--device", "cuda", check=False)
         assert p.returncode == 2
         assert p.stderr.strip() == "error: --device cuda: CUDA is not available on this machine; use --device cpu"
-    weights = ckpt / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])
-    p = cli("sample.py", "--checkpoint", ckpt, "--out", tmp_path / "s", "--device", "cpu", check=False)
-    assert p.returncode == 2 and p.stderr.count("\n") == 1
-    assert p.stderr.startswith(f"error: {weights}: cannot be read (") and "damaged" in p.stderr
+    for weights, flag in ((ckpt / "ema.safetensors", []), (ckpt / "model.safetensors", ["--raw"])):
+        weights.write_bytes(weights.read_bytes()[:100])
+        p = cli("sample.py", "--checkpoint", ckpt, "--out", tmp_path / "s", "--device", "cpu", *flag, check=False)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1
+        assert p.stderr.startswith(f"error: {weights}: cannot be read (") and "damaged" in p.stderr
+
+
+def test_sample_uses_g_ema_raw_uses_g_and_old_checkpoints_still_sample(tiny, tmp_path, cli):
+    from safetensors.torch import load_file
+
+    from dcgan_dist.models import Generator
+    train(load_config(tiny, [f'runs_dir="{tmp_path}"', "train.max_steps=4"]))
+    ckpt = tmp_path / "tiny" / "checkpoints" / "step_00000004"
+
+    def expected(file):                                  # the first sample, computed here from the weights file
+        g = Generator(16, 8, 1, 32)
+        g.load_state_dict(load_file(ckpt / file))
+        z = torch.randn(1, 16, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            return ((g.eval()(z)[0, 0] + 1) / 2).mul(255).add(0.5).clamp(0, 255).byte().numpy()
+
+    def first_sample(*flags):
+        p = cli("sample.py", "--checkpoint", ckpt, "--n", 1, "--out", tmp_path / "s", "--device", "cpu", *flags)
+        return np.asarray(Image.open(tmp_path / "s" / "sample_00000.png"))[..., 0], p     # grey saved as RGB
+
+    ema, p = first_sample()
+    assert "from G_ema" in p.stdout and np.array_equal(ema, expected("ema.safetensors"))
+    raw, p = first_sample("--raw")
+    assert "from G " in p.stdout and np.array_equal(raw, expected("model.safetensors"))
+    assert not np.array_equal(ema, raw)
+    (ckpt / "ema.safetensors").unlink()                  # a checkpoint from before G_ema
+    old, p = first_sample()
+    assert np.array_equal(old, raw) and "holds no G_ema" in p.stderr
+
+
+def test_latent_walks_are_slerp_rows_deterministic_for_a_seed(tiny, tmp_path, cli):
+    import sys
+    sys.path.insert(0, str(Path(__file__).parents[1] / "launch"))
+    from sample import slerp
+    a, b = torch.randn(3, 16), torch.randn(3, 16)
+    z = slerp(a, b, torch.linspace(0, 1, 5))
+    assert torch.allclose(z[:, 0], a, atol=1e-6) and torch.allclose(z[:, -1], b, atol=1e-6)
+    b = b / b.norm(dim=1, keepdim=True) * a.norm(dim=1, keepdim=True)     # on one sphere: a great circle
+    z = slerp(a, b, torch.linspace(0, 1, 5))
+    cos = torch.nn.functional.cosine_similarity(z[:, 1:], z[:, :-1], dim=-1)
+    assert torch.allclose(cos, cos[:, :1].expand_as(cos), atol=1e-5)   # equal angular steps
+    assert torch.allclose(z.norm(dim=-1), a.norm(dim=1, keepdim=True).expand(3, 5), atol=1e-4)   # on the sphere
+    assert torch.allclose(slerp(a, a, torch.tensor([0.5]))[:, 0], a, atol=1e-6)   # a == b: no division by 0
+    train(load_config(tiny, [f'runs_dir="{tmp_path}"', "train.max_steps=2"]))
+    ckpt = tmp_path / "tiny" / "checkpoints" / "step_00000002"
+    outs = []
+    for run in ("w1", "w2"):
+        p = cli("sample.py", "--checkpoint", ckpt, "--interpolate", 6, "--n", 4, "--out", tmp_path / run,
+                "--device", "cpu", "--seed", 3)
+        assert "wrote 4 walks of 6 images from G_ema" in p.stdout
+        outs.append([(tmp_path / run / f).read_bytes() for f in ("interpolation.png", "interpolation.gif")])
+    assert outs[0] == outs[1]
+    assert Image.open(tmp_path / "w1" / "interpolation.png").size == (6 * 34 + 2, 4 * 34 + 2)
+    assert Image.open(tmp_path / "w1" / "interpolation.gif").n_frames == 6 + 4   # forth and back
+    p = cli("sample.py", "--checkpoint", ckpt, "--interpolate", 1, "--out", tmp_path / "w3", check=False)
+    assert p.returncode == 2 and "--interpolate must be between 2 and 256" in p.stderr
 
 
 def test_progress_gif_plays_at_four_frames_per_second(tiny, tmp_path):

@@ -35,6 +35,7 @@ PATTERN = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "train_state.json"
 NOISE_FILE = "fixed_noise.safetensors"
 CHECKSUMS = "checksums.json"
+EMA_FILE = "ema.safetensors"          # G_ema's parameters and buffers (model.ema)
 
 
 class TrainState:
@@ -90,6 +91,8 @@ def save(acc, nets, state: TrainState, root: Path, config_toml: str, keep: int, 
         if acc.is_main_process:
             (tmp / "config.toml").write_text(config_toml)    # lets sample.py rebuild G without the run dir
             save_file({"fixed_noise": state.fixed_noise.contiguous()}, str(tmp / NOISE_FILE))
+            if nets.ema is not None:
+                save_file(nets.ema.state_dict(), str(tmp / EMA_FILE))
             scalers = {"scaler_g": nets.scaler_g.state_dict(), "scaler_d": nets.scaler_d.state_dict()}
             (tmp / STATE_FILE).write_text(json.dumps({**state.to_json(), **scalers}, indent=1))
             sums = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
@@ -129,13 +132,15 @@ def verify(path: Path) -> None:
 
 def _check_shapes(path: Path, acc, nets) -> None:
     """A checkpoint of another model size is a config mistake, not damage: say which tensor differs."""
-    for name, model in (("model.safetensors", nets.G), ("model_1.safetensors", nets.D)):
+    for name, model in (("model.safetensors", nets.G), ("model_1.safetensors", nets.D), (EMA_FILE, nets.G)):
         expected = {k: tuple(v.shape) for k, v in acc.unwrap_model(model).state_dict().items()}
+        if not (path / name).is_file():
+            continue
         with safe_open(str(path / name), "pt") as f:
             for key in f.keys():
                 got = tuple(f.get_slice(key).get_shape())
                 if key in expected and got != expected[key]:
-                    net = "generator" if name == "model.safetensors" else "discriminator"
+                    net = "discriminator" if name == "model_1.safetensors" else "generator"
                     raise UserError(f"{path}: {net} tensor {key} has shape {got} but the config builds "
                                     f"{expected[key]}; resume with the config the run was started with "
                                     f"(see {path / 'config.toml'}) or set checkpoint.resume = \"never\"")
@@ -153,6 +158,12 @@ def load(path: Path, acc, nets, state: TrainState) -> None:
     saved = json.loads((path / STATE_FILE).read_text())
     state.load_json(saved)
     state.fixed_noise = load_file(str(path / NOISE_FILE))["fixed_noise"]
+    if nets.ema is not None:
+        if (path / EMA_FILE).is_file():
+            nets.ema.load_state_dict(load_file(str(path / EMA_FILE), device=str(next(nets.ema.model.parameters()).device)))
+        else:   # a checkpoint from before model.ema, or of a run that had it off
+            nets.ema.load_state_dict(acc.unwrap_model(nets.G).state_dict())
+            log.warning("%s holds no %s: G_ema starts as a copy of G at step %d", path, EMA_FILE, state.step)
     for name, scaler in (("scaler_g", nets.scaler_g), ("scaler_d", nets.scaler_d)):
         # A disabled scaler (fp32/bf16) saves {}: resuming such a checkpoint in fp16 starts a fresh loss scale
         # (and an fp16 checkpoint resumed in fp32/bf16 has no scale to restore).

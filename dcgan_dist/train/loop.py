@@ -29,7 +29,8 @@ from ..models import build_models, count_parameters
 from . import checkpoint
 from .checkpoint import TrainState
 from .rundir import RunLock, compare, preflight, roll_back
-from .step import Nets, d_only_step, gan_step, make_scalers
+from .ema import EMA
+from .step import Nets, d_only_step, gan_step, make_scalers, mean_bn_stats
 from .tracking import MetricsFile, sample_grid, save_grid, wandb_mode, write_gif
 
 log = logging.getLogger("dcgan_dist")
@@ -70,10 +71,11 @@ def build(acc: Accelerator, cfg: Config) -> Nets:
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_g, betas=betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d, betas=betas)
     G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)       # order fixed: checkpoint files by position
+    ema = EMA(acc.unwrap_model(G), cfg.model.ema_kimg, cfg.model.ema_rampup) if cfg.model.ema else None
     if cfg.train.compile:
         G, D = torch.compile(G), torch.compile(D)
     scaler_g, scaler_d = make_scalers(cfg.train.precision, acc.device.type, cfg.train.fp16_init_scale)
-    return Nets(G, D, opt_g, opt_d, scaler_g, scaler_d)
+    return Nets(G, D, opt_g, opt_d, scaler_g, scaler_d, ema)
 
 
 class StopRequest:
@@ -127,7 +129,7 @@ def train(cfg: Config) -> dict:
             acc.end_training()
             return {"step": state.step, "main": acc.is_main_process, "stopped_by": None, "already_complete": True,
                     "run_dir": str(cfg.run_dir), "num_processes": acc.num_processes, "rank": acc.process_index,
-                    "models": (acc.unwrap_model(nets.G), acc.unwrap_model(nets.D))}
+                    "models": _models(acc, nets)}
         loader = ShardLoader(cfg.data.shards, cfg.train.batch_size, acc.process_index, acc.num_processes,
                              cfg.data.workers, cfg.train.seed, cfg.data.shuffle_window, state.loader_batches,
                              cfg.data.verify, cfg.data.resolution, cfg.data.channels,
@@ -139,6 +141,11 @@ def train(cfg: Config) -> dict:
             loader.close()
         if lock is not None:
             lock.release()
+
+
+def _models(acc: Accelerator, nets: Nets) -> tuple:
+    """(G, D, G_ema or None), unwrapped: what the summary hands to callers (tests, scripts)."""
+    return acc.unwrap_model(nets.G), acc.unwrap_model(nets.D), nets.ema.model if nets.ema is not None else None
 
 
 def _warn_precision(acc: Accelerator, cfg: Config) -> None:
@@ -213,6 +220,7 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
     nonfinite = torch.zeros((), dtype=torch.bool, device=acc.device)
     t_last, steps_since = time.perf_counter(), 0
     unwrapped_g = acc.unwrap_model(nets.G)
+    images_per_step = cfg.train.batch_size * acc.num_processes
     fault = injected_fault(acc.process_index)
     batches = iter(loader)
     stopped_by = None
@@ -229,6 +237,9 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
             raise RuntimeError(f"injected failure at step {state.step + 1} (DCGAN_DIST_FAULT)")
         out = gan_step(acc, nets, real, cfg, noise_std)
         state.step += 1
+        mean_bn_stats(acc, unwrapped_g)
+        if nets.ema is not None:
+            nets.ema.update(unwrapped_g, state.step * images_per_step, images_per_step)
         state.loader_batches = loader.batches
         state.skipped_d += out["skipped_d"]
         state.skipped_g += out["skipped_g"]
@@ -257,10 +268,7 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
             sums, steps_since, t_last = {}, 0, time.perf_counter()
 
         if main and (state.step % cfg.log.sample_every == 0 or last):
-            path = save_grid(sample_grid(unwrapped_g, state.fixed_noise), run_dir / "samples", state.step)
-            if mode != "disabled":
-                import wandb
-                acc.log({"samples": wandb.Image(str(path))}, step=state.step)
+            _log_grids(acc, cfg, nets, state, unwrapped_g, mode)
 
         if will_save:
             checkpoint.save(acc, nets, state, ckpt_root, to_toml(cfg), cfg.checkpoint.keep,
@@ -270,7 +278,7 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
     summary = {"step": state.step, "epoch": loader.epoch, "skipped_d": state.skipped_d,
                "skipped_g": state.skipped_g, "run_dir": str(run_dir), "wandb_mode": mode,
                "num_processes": acc.num_processes, "rank": acc.process_index, "main": main,
-               "stopped_by": stopped_by, "models": (acc.unwrap_model(nets.G), acc.unwrap_model(nets.D))}
+               "stopped_by": stopped_by, "models": _models(acc, nets)}
     if main:
         stop.stop_file.unlink(missing_ok=True)
         write_gif(run_dir / "samples")
@@ -279,6 +287,18 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
             summary["sync_command"] = f"wandb sync {offline_runs[-1]}"
     acc.end_training()
     return summary
+
+
+def _log_grids(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, unwrapped_g, mode: str) -> None:
+    """The fixed-noise grid of G_ema (of G without model.ema) to samples/ and W&B; G's own with log.raw_grid."""
+    grids = {"samples": (nets.ema.model if nets.ema is not None else unwrapped_g, cfg.run_dir / "samples")}
+    if nets.ema is not None and cfg.log.raw_grid:
+        grids["samples_raw"] = (unwrapped_g, cfg.run_dir / "samples" / "raw")
+    for name, (generator, folder) in grids.items():
+        path = save_grid(sample_grid(generator, state.fixed_noise), folder, state.step)
+        if mode != "disabled":
+            import wandb
+            acc.log({name: wandb.Image(str(path))}, step=state.step)
 
 
 def _start_trackers(acc: Accelerator, cfg: Config, state: TrainState, mode: str) -> str:

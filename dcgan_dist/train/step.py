@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..losses import d_loss, d_targets, g_loss
+from .ema import EMA
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -21,6 +22,7 @@ class Nets:
     opt_d: torch.optim.Optimizer
     scaler_g: torch.amp.GradScaler
     scaler_d: torch.amp.GradScaler
+    ema: EMA | None = None               # G_ema (model.ema), outside DDP
 
 
 def make_scalers(precision: str, device_type: str, init_scale: float):
@@ -29,6 +31,22 @@ def make_scalers(precision: str, device_type: str, init_scale: float):
     on = precision == "fp16"
     return (torch.amp.GradScaler(device_type, init_scale=init_scale, enabled=on),
             torch.amp.GradScaler(device_type, init_scale=init_scale, enabled=on))
+
+
+@torch.no_grad()
+def mean_bn_stats(acc, module: torch.nn.Module) -> None:
+    """Replace ``module``'s BatchNorm running statistics by their mean over the ranks (one small all-reduce).
+
+    In training mode BatchNorm normalises with the batch's own statistics, so this never changes training; it
+    makes the running statistics, which eval mode uses (grids, samples, FID, G_ema), those of the global batch
+    and identical on every rank. Without it each rank keeps its own (DDP does not broadcast buffers here), and
+    since a checkpoint holds rank 0's, a resumed rank 1 would continue from other statistics than it had.
+    """
+    stats = [b for b in module.buffers() if b.is_floating_point()]       # not num_batches_tracked
+    if acc.num_processes > 1 and stats:
+        flat = acc.reduce(torch.cat([b.flatten() for b in stats]), reduction="mean")
+        for b, mean in zip(stats, flat.split([b.numel() for b in stats])):
+            b.copy_(mean.view_as(b))
 
 
 def autocast(precision: str, device_type: str):

@@ -22,13 +22,14 @@ mode, out, config, *overrides = sys.argv[1:]
 cfg = load_config(config, overrides)
 if mode == "train":
     summary = train(cfg)
-    G, D = summary["models"]
+    G, D, E = summary["models"]
     rank = summary["rank"]                  # end_training() has already torn the process group down
+    nets = (("G", G), ("D", D), ("E", E)) if E is not None else (("G", G), ("D", D))
     result = {"num_processes": summary["num_processes"], "rank": rank,
-              "params": {f"{n}.{k}": digest(v) for n, m in (("G", G), ("D", D)) for k, v in m.named_parameters()},
-              "buffers": {f"{n}.{k}": digest(v) for n, m in (("G", G), ("D", D)) for k, v in m.named_buffers()}}
+              "params": {f"{n}.{k}": digest(v) for n, m in nets for k, v in m.named_parameters()},
+              "buffers": {f"{n}.{k}": digest(v) for n, m in nets for k, v in m.named_buffers()}}
 else:
-    acc = _accelerator(cfg)
+    acc = _accelerator(cfg, "disabled")
     nets = build(acc, cfg)
     counts = {"G": 0, "D": 0}
 
