@@ -101,6 +101,20 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = 0                       # steps between FID/KID evaluations during training (0: off)
+    n: int = 50000                       # generated images per evaluation (and real images kept for KID)
+    features: str = "auto"               # inception | classifier (trained on the shards' labels) | auto
+                                         # (classifier for 1-channel shards, inception otherwise)
+    inception_weights: str = ""          # the 2015-12-05 FID weights file ("": <cache_dir>/weights-inception-...)
+    cache_dir: str = ""                  # reference statistics, classifiers ("": $XDG_CACHE_HOME/dcgan_dist)
+    batch_size: int = 250                # images per generator/extractor call
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    seed: int = 0                        # the latents of the generated set (the same every evaluation)
+
+
+@dataclass
 class Config:
     name: str = "dcgan"                  # run name; the run directory is <runs_dir>/<name>
     runs_dir: str = "runs"
@@ -111,6 +125,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -123,16 +138,17 @@ class Config:
 CHOICES = {
     "data.resolution": (32, 64, 128), "data.channels": (1, 3), "data.verify": ("size", "sha256", "none"),
     "loss.kind": ("bce", "hinge", "lsgan"), "train.precision": ("fp32", "bf16", "fp16"),
-    "log.wandb": ("online", "offline", "disabled", "auto"),
+    "log.wandb": ("online", "offline", "disabled", "auto"), "eval.features": ("auto", "inception", "classifier"),
 }
 POSITIVE = {"model.latent", "model.ngf", "model.ndf", "loss.d_steps", "train.batch_size", "train.max_steps",
             "log.every", "log.sample_every", "log.n_samples", "checkpoint.every", "checkpoint.keep",
             "optim.lr_g", "optim.lr_d", "train.fp16_init_scale", "data.shuffle_window", "train.sync_every",
-            "model.ema_kimg"}
+            "model.ema_kimg", "eval.n", "eval.batch_size", "eval.kid_subsets", "eval.kid_subset_size"}
 UNIT_INTERVAL = {"loss.real_label", "loss.flip_prob", "optim.beta1", "optim.beta2", "model.ema_rampup"}
 # Upper bounds far above any real use, so an absurd value is a clear error rather than a failed allocation.
 AT_MOST = {"model.latent": 16384, "model.ngf": 4096, "model.ndf": 4096, "train.batch_size": 1 << 16,
-           "log.n_samples": 1024, "loss.d_steps": 100, "data.workers": 256, "train.seed": 2**63 - 1}
+           "log.n_samples": 1024, "loss.d_steps": 100, "data.workers": 256, "train.seed": 2**63 - 1,
+           "eval.seed": 2**31 - 1, "eval.n": 10**7}
 
 
 def _all_keys(cls=Config, prefix="") -> dict[str, type]:
@@ -232,7 +248,7 @@ def validate(cfg: Config) -> None:
         if not 0 <= flat[key] <= 1:
             raise UserError(f"{key} = {flat[key]!r}: must be between 0 and 1")
     for key in ("data.workers", "train.max_epochs", "loss.instance_noise", "loss.instance_noise_steps",
-                "checkpoint.milestone_every", "train.seed"):
+                "checkpoint.milestone_every", "train.seed", "eval.every", "eval.seed"):
         if flat[key] < 0:
             raise UserError(f"{key} = {flat[key]!r}: must be >= 0")
     if not cfg.name or cfg.name in (".", "..") or any(c in cfg.name for c in "/\\\0"):

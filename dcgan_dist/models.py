@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -73,3 +74,35 @@ def build_models(cfg) -> tuple[Generator, Discriminator]:
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+EMA_FILE = "ema.safetensors"          # G_ema's parameters and buffers in a checkpoint (model.ema)
+
+
+def load_generator(checkpoint: Path, device: str = "cpu", raw: bool = False) -> tuple[Generator, str, object]:
+    """G_ema (or G with ``raw``, or when the checkpoint has no G_ema) from a checkpoint folder: its config.toml
+    gives the architecture, the safetensors file the weights (loading never unpickles anything).
+    Returns the generator (eval mode), which one it is ("G_ema" or "G") and the run's Config."""
+    from safetensors.torch import load_file
+
+    from .config import load_config
+    from .errors import UserError
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "model.safetensors").is_file() or not (checkpoint / "config.toml").is_file():
+        raise UserError(f"{checkpoint}: not a complete checkpoint (needs model.safetensors and config.toml)")
+    cfg = load_config(checkpoint / "config.toml")
+    g = Generator(cfg.model.latent, cfg.model.ngf, cfg.data.channels, cfg.data.resolution)
+    which = "G" if raw or not (checkpoint / EMA_FILE).is_file() else "G_ema"
+    path = checkpoint / ("model.safetensors" if which == "G" else EMA_FILE)
+    try:
+        weights = load_file(path)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+        raise UserError(f"{path}: cannot be read ({str(e)[:120]}); the file is damaged: use another "
+                        f"checkpoint" + ("" if which == "G" else " or --raw")) from None
+    try:
+        g.load_state_dict(weights)
+    except RuntimeError as e:
+        raise UserError(f"{checkpoint}: weights do not fit the generator its config.toml describes "
+                        f"({str(e).splitlines()[0][:160]})") from None
+    return g.to(device).eval(), which, cfg

@@ -11,37 +11,10 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torchvision.utils import make_grid, save_image
 
-from dcgan_dist.config import load_config
 from dcgan_dist.errors import UserError
-from dcgan_dist.models import Generator
-
-EMA_FILE = "ema.safetensors"
-
-
-def load_generator(checkpoint: Path, device: str, raw: bool = False) -> tuple[Generator, str]:
-    """G_ema (or G with ``raw``, or when the checkpoint has no G_ema) from a checkpoint folder: its config.toml
-    gives the architecture, the safetensors file the weights (loading never unpickles anything).
-    Returns the generator and which one it is ("G_ema" or "G")."""
-    if not (checkpoint / "model.safetensors").is_file() or not (checkpoint / "config.toml").is_file():
-        raise UserError(f"{checkpoint}: not a complete checkpoint (needs model.safetensors and config.toml)")
-    cfg = load_config(checkpoint / "config.toml")
-    g = Generator(cfg.model.latent, cfg.model.ngf, cfg.data.channels, cfg.data.resolution)
-    which = "G" if raw or not (checkpoint / EMA_FILE).is_file() else "G_ema"
-    path = checkpoint / ("model.safetensors" if which == "G" else EMA_FILE)
-    try:
-        weights = load_file(path)
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
-        raise UserError(f"{path}: cannot be read ({str(e)[:120]}); the file is damaged: use another "
-                        f"checkpoint" + ("" if which == "G" else " or --raw")) from None
-    try:
-        g.load_state_dict(weights)
-    except RuntimeError as e:
-        raise UserError(f"{checkpoint}: weights do not fit the generator its config.toml describes "
-                        f"({str(e).splitlines()[0][:160]})") from None
-    return g.to(device).eval(), which
+from dcgan_dist.models import Generator, load_generator
 
 
 def check_device(name: str) -> str:
@@ -103,7 +76,7 @@ def main(argv=None) -> int:
             raise UserError(f"--n must be >= 1, not {a.n}")
         if a.interpolate is not None and not 2 <= a.interpolate <= 256:
             raise UserError(f"--interpolate must be between 2 and 256 images per walk, not {a.interpolate}")
-        g, which = load_generator(a.checkpoint, check_device(a.device), a.raw)
+        g, which, _ = load_generator(a.checkpoint, check_device(a.device), a.raw)
         if which == "G" and not a.raw:
             print(f"note: {a.checkpoint} holds no G_ema (an older run, or model.ema off): sampling G",
                   file=sys.stderr)

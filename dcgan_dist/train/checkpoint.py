@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from ..data.shards import sha256_file
 from ..errors import UserError, disk_error
+from ..models import EMA_FILE
 from ..runtime import injected_fault
 
 log = logging.getLogger("dcgan_dist")
@@ -35,7 +36,6 @@ PATTERN = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "train_state.json"
 NOISE_FILE = "fixed_noise.safetensors"
 CHECKSUMS = "checksums.json"
-EMA_FILE = "ema.safetensors"          # G_ema's parameters and buffers (model.ema)
 
 
 class TrainState:

@@ -1,0 +1,50 @@
+"""Quality measurement: FID and KID of a generator (G_ema by default) against its training shards."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .features import build_extractor, cache_dir
+from .metrics import Dist, fid_kid, generated_features, reference
+
+log = logging.getLogger("dcgan_dist")
+
+__all__ = ["Dist", "Evaluator"]
+
+
+class Evaluator:
+    """Built once per run (the extractor, and the reference statistics: cached on disk); called per evaluation.
+    A collective when ``dist.world > 1``: every rank builds it and calls it at the same point."""
+
+    def __init__(self, ecfg, shards: str | Path, manifest: dict, dist: Dist) -> None:
+        self.cfg, self.dist, self.shards = ecfg, dist, Path(shards)
+        with _main_first(dist):    # rank 0 trains/caches the classifier or computes nothing; the others load it
+            self.extractor = build_extractor(ecfg.features, self.shards, manifest, ecfg.inception_weights,
+                                             ecfg.cache_dir, dist.device)
+        self.ref = reference(self.extractor, self.shards, manifest, ecfg.n, cache_dir(ecfg.cache_dir), dist,
+                             ecfg.batch_size)
+
+    def __call__(self, generator: nn.Module, n: int | None = None) -> dict:
+        n = n or self.cfg.n
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            fake = generated_features(generator, self.extractor, n, self.cfg.seed, self.dist, self.cfg.batch_size)
+        result = fid_kid(self.ref, fake, self.dist, self.cfg.kid_subsets, self.cfg.kid_subset_size, self.cfg.seed)
+        seconds = time.perf_counter() - t0
+        return {**result, "features": self.extractor.key, "eval_s": seconds,
+                "eval_s_per_1k": seconds / n * 1000}
+
+
+@contextlib.contextmanager
+def _main_first(dist: Dist):
+    if dist.rank != 0 and dist.barrier:
+        dist.barrier()
+    yield
+    if dist.rank == 0 and dist.barrier:
+        dist.barrier()

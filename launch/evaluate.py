@@ -1,0 +1,72 @@
+"""FID and KID of a checkpoint's generator (G_ema by default) against its training shards.
+
+  python launch/evaluate.py --checkpoint runs/digits/checkpoints/step_00001500 [--n 50000] [--json fid.json]
+  accelerate launch --multi_gpu --num_processes 8 launch/evaluate.py --checkpoint CKPT     # shared across GPUs
+
+Settings come from the checkpoint's config.toml ([eval], data.shards); --shards and --set override them.
+The first evaluation of a shard set computes its reference statistics and caches them (eval.cache_dir).
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from dcgan_dist.config import load_config
+from dcgan_dist.errors import UserError
+from dcgan_dist.runtime import die_with_parent
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--shards", help="shard folder (default: the run's data.shards)")
+    p.add_argument("--n", type=int, help="generated images (default: eval.n, 50000)")
+    p.add_argument("--raw", action="store_true", help="evaluate the raw G, not G_ema")
+    p.add_argument("--json", type=Path, help="also write the result as JSON")
+    p.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
+                   help="override an [eval] setting, e.g. --set eval.features=inception")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if "LOCAL_RANK" in os.environ:
+        die_with_parent()
+    try:
+        from accelerate import Accelerator
+
+        from dcgan_dist.data import load_manifest
+        from dcgan_dist.eval import Dist, Evaluator
+        from dcgan_dist.models import load_generator
+
+        bad = [s for s in a.set if not s.startswith("eval.")]
+        if bad:
+            raise UserError(f"--set {bad[0]}: only eval.* settings can be changed here")
+        if a.n is not None and a.n < 2:
+            raise UserError(f"--n must be >= 2, not {a.n}")
+        acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+        g, which, cfg = load_generator(a.checkpoint, acc.device, a.raw)
+        cfg = load_config(a.checkpoint / "config.toml", a.set)
+        shards = a.shards or cfg.data.shards
+        manifest = load_manifest(shards, cfg.data.verify, cfg.data.resolution, cfg.data.channels)
+        evaluator = Evaluator(cfg.eval, shards, manifest, Dist.from_accelerator(acc))
+        result = {"checkpoint": str(a.checkpoint), "generator": which, "shards": str(shards),
+                  **evaluator(g, a.n)}
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if acc.is_main_process:
+        print(f"FID {result['fid']:.4f}  KID {result['kid']:.6f} +- {result['kid_std']:.6f}  ({which}, "
+              f"{result['n_fake']} generated vs {result['n_real']} real images, features {result['features']}, "
+              f"{result['eval_s']:.1f} s: {result['eval_s_per_1k']:.2f} s per 1,000 images)")
+        print(json.dumps(result))
+        if a.json:
+            a.json.write_text(json.dumps(result, indent=1))
+    acc.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
