@@ -121,3 +121,22 @@ def image_index(images: np.ndarray) -> np.ndarray:
     """Invert ``write_indexed_shards``'s encoding: B x H x W x C uint8 -> B indices."""
     px = images[:, 0, :3, 0].astype(np.int64)
     return px[:, 0] | (px[:, 1] << 8) | (px[:, 2] << 16)
+
+
+def write_random_inception(path: Path, seed: int = 0) -> Path:
+    """Random weights of the real FID Inception-v3 (torch-fidelity's architecture, every tensor of the
+    2015-12-05 file with its shape), saved as a plain state dict: for tests and benchmarks on machines where
+    the real file cannot be downloaded. Its features are meaningless; its cost and code path are the real ones."""
+    from unittest import mock
+
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    torch.manual_seed(seed)
+    # build the module without its weights: the constructor would download them, then load them strictly
+    with mock.patch.object(fe, "load_state_dict_from_url", return_value={}), \
+            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+    return path

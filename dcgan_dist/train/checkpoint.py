@@ -50,17 +50,21 @@ class TrainState:
         self.wandb_id = ""
         self.world_size = 1
         self.data = ""                # fingerprint of the shard set (shards.fingerprint)
+        self.best_fid = float("inf")  # the lowest FID measured so far (eval.every), and its step
+        self.best_step = 0
 
     def to_json(self) -> dict:
         return {"step": self.step, "loader_batches": self.loader_batches, "skipped_d": self.skipped_d,
                 "skipped_g": self.skipped_g, "wandb_id": self.wandb_id, "world_size": self.world_size,
-                "data": self.data}
+                "data": self.data, "best_fid": self.best_fid if self.best_step else None, "best_step": self.best_step}
 
     def load_json(self, d: dict) -> None:
         self.step, self.loader_batches = int(d["step"]), int(d["loader_batches"])
         self.skipped_d, self.skipped_g = int(d["skipped_d"]), int(d["skipped_g"])
         self.wandb_id = str(d["wandb_id"])
         self.world_size, self.data = int(d.get("world_size", 0)), str(d.get("data", ""))
+        self.best_step = int(d.get("best_step") or 0)
+        self.best_fid = float(d["best_fid"]) if self.best_step else float("inf")
 
 
 def step_of(path: Path) -> int:
@@ -110,10 +114,21 @@ def save(acc, nets, state: TrainState, root: Path, config_toml: str, keep: int, 
             shutil.rmtree(final)
         tmp.rename(final)
         for old in complete_checkpoints(root)[:-keep]:
-            if not (milestone_every and step_of(old) % milestone_every == 0):
+            # milestones, and the best-FID checkpoint (eval.every), are kept whatever `keep` says
+            if not (milestone_every and step_of(old) % milestone_every == 0) and step_of(old) != state.best_step:
                 shutil.rmtree(old, ignore_errors=True)
+        if state.best_step:
+            write_best(root, state)
     acc.wait_for_everyone()
     return final
+
+
+def write_best(root: Path, state: TrainState) -> None:
+    """checkpoints/best.json: which checkpoint has the lowest FID so far."""
+    best = {"step": state.best_step, "fid": state.best_fid, "checkpoint": str(root / f"step_{state.best_step:08d}")}
+    tmp = root / "best.json.tmp"
+    tmp.write_text(json.dumps(best, indent=1))
+    os.replace(tmp, root / "best.json")
 
 
 def verify(path: Path) -> None:

@@ -24,6 +24,7 @@ from ..config import Config, flatten, to_toml
 from ..data import ShardLoader, to_device
 from ..data.shards import fingerprint
 from ..errors import TrainingDiverged, UserError
+from ..eval import Dist, Evaluator
 from ..runtime import injected_fault
 from ..models import build_models, count_parameters
 from . import checkpoint
@@ -134,8 +135,10 @@ def train(cfg: Config) -> dict:
                              cfg.data.workers, cfg.train.seed, cfg.data.shuffle_window, state.loader_batches,
                              cfg.data.verify, cfg.data.resolution, cfg.data.channels,
                              pin_memory=acc.device.type == "cuda", manifest=manifest)
+        evaluator = Evaluator(cfg.eval, cfg.data.shards, manifest, Dist.from_accelerator(acc)) \
+            if cfg.eval.every else None
         with StopRequest(Path(os.environ.get("DCGAN_DIST_STOP_FILE", cfg.run_dir / "STOP"))) as stop:
-            return _loop(acc, cfg, nets, state, loader, stop, wandb)
+            return _loop(acc, cfg, nets, state, loader, stop, wandb, evaluator)
     finally:
         if loader is not None:
             loader.close()
@@ -209,7 +212,7 @@ def _resume(acc: Accelerator, nets: Nets, cfg: Config, manifest: dict) -> TrainS
 
 
 def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: ShardLoader, stop: StopRequest,
-          wandb: str):
+          wandb: str, evaluator: Evaluator | None):
     main, run_dir = acc.is_main_process, cfg.run_dir
     ckpt_root = run_dir / "checkpoints"
     mode = _start_trackers(acc, cfg, state, wandb)
@@ -270,6 +273,10 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
         if main and (state.step % cfg.log.sample_every == 0 or last):
             _log_grids(acc, cfg, nets, state, unwrapped_g, mode)
 
+        if evaluator is not None and (state.step % cfg.eval.every == 0 or (last and not stopped_by)):
+            will_save |= _evaluate(acc, nets, state, evaluator, unwrapped_g, metrics)
+            t_last = time.perf_counter()                  # the evaluation is not training time
+
         if will_save:
             checkpoint.save(acc, nets, state, ckpt_root, to_toml(cfg), cfg.checkpoint.keep,
                             cfg.checkpoint.milestone_every)
@@ -287,6 +294,23 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
             summary["sync_command"] = f"wandb sync {offline_runs[-1]}"
     acc.end_training()
     return summary
+
+
+def _evaluate(acc: Accelerator, nets: Nets, state: TrainState, evaluator: Evaluator, unwrapped_g,
+              metrics: MetricsFile | None) -> bool:
+    """FID/KID of G_ema (G without model.ema) on every rank; rank 0 logs them. True when the FID is the best so
+    far: that step is then checkpointed and kept whatever checkpoint.keep says."""
+    result = evaluator(nets.ema.model if nets.ema is not None else unwrapped_g)
+    row = {"step": state.step, **{k: result[k] for k in ("fid", "kid", "kid_std", "eval_s")}}
+    if metrics is not None:
+        metrics.write(row)
+        acc.log({k: v for k, v in row.items() if k != "step"}, step=state.step)
+        log.info("step %d: FID %.3f, KID %.5f (%d images, %.1f s)", state.step, result["fid"], result["kid"],
+                 result["n_fake"], result["eval_s"])
+    if result["fid"] < state.best_fid:
+        state.best_fid, state.best_step = result["fid"], state.step
+        return True
+    return False
 
 
 def _log_grids(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, unwrapped_g, mode: str) -> None:

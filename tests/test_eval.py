@@ -1,0 +1,185 @@
+"""FID/KID: agreement with a direct numpy/scipy computation, a set against itself, the reference cache, one
+process vs two, the Inception weights file (random weights of the real architecture), evaluation in training."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from safetensors import safe_open
+
+from conftest import accelerate_launch, run_cli, ROOT
+from dcgan_dist.config import load_config
+from dcgan_dist.data import load_manifest
+from dcgan_dist.data.synthetic import write_indexed_shards, write_random_inception
+from dcgan_dist.errors import UserError
+from dcgan_dist.eval import Dist, Evaluator
+from dcgan_dist.eval.features import DigitClassifier, InceptionFeatures
+from dcgan_dist.eval.metrics import fid_kid, reference
+from dcgan_dist.train import train
+
+
+def numpy_fid(a: np.ndarray, b: np.ndarray) -> float:
+    """pytorch-fid's formula, in numpy/scipy."""
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def numpy_kid(a: np.ndarray, b: np.ndarray) -> float:
+    """The unbiased MMD^2 with the cubic polynomial kernel (Binkowski et al.), all samples as one subset."""
+    d, m = a.shape[1], len(a)
+    k = lambda x, y: (x @ y.T / d + 1) ** 3
+    kxx, kyy, kxy = k(a, a), k(b, b), k(a, b)
+    return float((kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.sum() / m ** 2)
+
+
+def ref_of(feats: torch.Tensor) -> dict:
+    f = feats.double()
+    return {"sum": f.sum(0), "outer": f.T @ f, "n": torch.tensor(len(f)), "kid": feats.float()}
+
+
+def test_fid_and_kid_agree_with_numpy_and_scipy():
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 1, (400, 8))
+    b = rng.normal(0.3, 1.3, (400, 8)) @ rng.normal(0, 0.5, (8, 8))
+    r = fid_kid(ref_of(torch.from_numpy(a)), torch.from_numpy(b).float(), Dist(), kid_subsets=1, kid_subset_size=400)
+    assert r["fid"] == pytest.approx(numpy_fid(a, b.astype(np.float32)), rel=1e-5)
+    assert r["kid"] == pytest.approx(numpy_kid(a.astype(np.float32), b.astype(np.float32)), rel=1e-3)
+    assert r["n_fake"] == 400 and r["n_real"] == 400 and r["kid_std"] == 0.0
+    assert numpy_fid(a, b) > 1                                     # a real difference, not a trivial 0
+
+
+def test_a_set_against_itself_is_zero(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(2000, 16, generator=gen) * 2 + 1
+    same = fid_kid(ref_of(feats), feats, Dist(), kid_subsets=1, kid_subset_size=2000)
+    other = fid_kid(ref_of(feats), torch.randn(2000, 16, generator=gen), Dist(), kid_subsets=1, kid_subset_size=2000)
+    assert abs(same["fid"]) < 1e-6 and other["fid"] > 1
+    # KID is unbiased: ~0 for another sample of the same distribution (not for the same sample: the estimator
+    # leaves out only the diagonal of each set's own kernel matrix)
+    twin = fid_kid(ref_of(feats), torch.randn(2000, 16, generator=gen) * 2 + 1, Dist(), kid_subsets=1,
+                   kid_subset_size=2000)
+    assert abs(twin["kid"]) < 0.01 * other["kid"]
+
+
+def test_reference_statistics_are_cached_by_shards_extractor_and_count(tmp_path, monkeypatch):
+    import dcgan_dist.eval.metrics as metrics
+    shards = tmp_path / "shards"
+    m = write_indexed_shards(shards, 96, resolution=32, channels=1, shard_size=32, chunk_size=16)
+    net = DigitClassifier(1, 10)
+    net.key = "random-a"
+    cache = tmp_path / "cache"
+    first = reference(net, shards, m, 50, cache, Dist())
+    x = torch.from_numpy(np.stack([img for img, _ in __import__("dcgan_dist.data", fromlist=["x"]).read_shards(shards)]))
+    with torch.no_grad():
+        f = net(x.permute(0, 3, 1, 2)).double()
+    assert first["n"] == 96 and torch.allclose(first["sum"], f.sum(0)) and torch.allclose(first["outer"], f.T @ f)
+    assert torch.equal(first["kid"], f[:50].float())               # the first 50 images in stored order
+    calls = []
+    real = metrics._reference_stats
+    monkeypatch.setattr(metrics, "_reference_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = reference(net, shards, m, 50, cache, Dist())
+    assert not calls and all(torch.equal(first[k], again[k]) for k in first)          # reused
+    reference(net, shards, m, 60, cache, Dist())                                       # another count
+    net.key = "random-b"
+    reference(net, shards, m, 50, cache, Dist())                                       # another extractor
+    m2 = write_indexed_shards(tmp_path / "other", 96, resolution=32, channels=1, shard_size=32, chunk_size=16, seed=1)
+    reference(net, tmp_path / "other", m2, 50, cache, Dist())                         # other shards
+    assert len(calls) == 3 and len(list(cache.glob("reference-*.safetensors"))) == 4
+
+
+def test_inception_with_random_weights_of_the_real_architecture(tmp_path):
+    weights = write_random_inception(tmp_path / "w.pth")
+    net = InceptionFeatures(weights)
+    x = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
+    f = net(x)
+    assert f.shape == (3, 2048) and torch.isfinite(f).all()
+    assert torch.allclose(f, net(x.expand(-1, 3, -1, -1)))            # grey is repeated to RGB
+    assert net.key.startswith("inception-")
+
+
+def test_missing_or_unsafe_inception_weights_are_one_line(tmp_path):
+    with pytest.raises(UserError, match=r"eval.inception_weights: .*/nope.pth does not exist; FID/KID need the "
+                                        r"2015-12-05 Inception weights \(weights-inception-2015-12-05-6726825d.pth"):
+        InceptionFeatures(tmp_path / "nope.pth")
+
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "PWNED"), "w"))
+    torch.save({"x": Boom()}, tmp_path / "evil.pth")
+    with pytest.raises(UserError, match="is not a PyTorch weights file holding only tensors"):
+        InceptionFeatures(tmp_path / "evil.pth")
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.fixture(scope="session")
+def classifier_cache(tiny, tmp_path_factory):
+    """The digit classifier for the tiny shards, trained once for the session (~10 s)."""
+    cache = tmp_path_factory.mktemp("eval-cache")
+    cfg = load_config(tiny, [f'eval.cache_dir="{cache}"'])
+    Evaluator(cfg.eval, cfg.data.shards, load_manifest(cfg.data.shards), Dist())
+    return cache
+
+
+def test_the_digit_classifier_is_accurate_and_cached(classifier_cache):
+    files = list(classifier_cache.glob("classifier-*.safetensors"))
+    assert len(files) == 1
+    with safe_open(str(files[0]), "pt") as f:
+        assert float(f.metadata()["heldout_accuracy"]) >= 0.9
+
+
+def test_two_processes_give_the_statistics_of_one(tiny, tmp_path, classifier_cache):
+    train(load_config(tiny, [f'runs_dir="{tmp_path}"', "train.max_steps=2"]))
+    ckpt = tmp_path / "tiny" / "checkpoints" / "step_00000002"
+    results = {}
+    for procs in (1, 2):
+        cache = tmp_path / f"cache{procs}"
+        shutil.copytree(classifier_cache, cache)
+        for ref in cache.glob("reference-*"):
+            ref.unlink()                                          # computed here, by 1 or 2 processes
+        args = ["--checkpoint", ckpt, "--set", "eval.n=300", "--json", tmp_path / f"r{procs}.json",
+                "--set", f'eval.cache_dir="{cache}"', "--set", "eval.kid_subsets=1", "--set", "eval.batch_size=64"]
+        if procs == 1:
+            run_cli("evaluate.py", *args)
+        else:
+            accelerate_launch(ROOT / "launch" / "evaluate.py", *args)
+        results[procs] = json.loads((tmp_path / f"r{procs}.json").read_text())
+        (ref,) = cache.glob("reference-*.safetensors")
+        with safe_open(str(ref), "pt") as f:
+            results[procs]["ref"] = {k: f.get_tensor(k) for k in f.keys()}
+    one, two = results[1], results[2]
+    assert one["n_fake"] == two["n_fake"] == 300 and one["kid_subset_size"] == 300
+    assert torch.equal(one["ref"]["kid"], two["ref"]["kid"]) and int(one["ref"]["n"]) == 1797
+    for k in ("sum", "outer"):
+        assert torch.allclose(one["ref"][k], two["ref"][k], rtol=1e-12, atol=0)
+    assert two["fid"] == pytest.approx(one["fid"], rel=1e-6) and two["kid"] == pytest.approx(one["kid"], rel=1e-4)
+    assert one["fid"] > 1
+
+
+def test_evaluation_during_training_logs_fid_and_keeps_the_best_checkpoint(tiny, tmp_path, classifier_cache):
+    cfg = load_config(tiny, [f'runs_dir="{tmp_path}"', "eval.every=2", "eval.n=64", "eval.batch_size=32",
+                             "eval.kid_subset_size=32", "eval.kid_subsets=4", f'eval.cache_dir="{classifier_cache}"',
+                             "checkpoint.every=1", "checkpoint.keep=1", "train.max_steps=6"])
+    train(cfg)
+    run = tmp_path / "tiny"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "fid" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6] and all(r["fid"] > 0 and "kid" in r for r in evals)
+    best = min(evals, key=lambda r: r["fid"])
+    assert json.loads((run / "checkpoints" / "best.json").read_text())["step"] == best["step"]
+    kept = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert kept == sorted({f"step_{best['step']:08d}", "step_00000006"})       # keep=1, plus the best
+    state = json.loads((run / "checkpoints" / "step_00000006" / "train_state.json").read_text())
+    assert state["best_step"] == best["step"] and state["best_fid"] == pytest.approx(best["fid"])
+
+
+def test_missing_inception_weights_stop_training_before_the_first_step(tiny, tmp_path, cli):
+    p = cli("train.py", "--config", tiny, "--set", f'runs_dir="{tmp_path}"', "--set", "eval.every=2",
+            "--set", 'eval.features="inception"', "--set", f'eval.inception_weights="{tmp_path}/w.pth"', check=False)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith(
+        f"error: eval.inception_weights: {tmp_path}/w.pth does not exist")
+    assert not (tmp_path / "tiny" / "checkpoints").exists()
