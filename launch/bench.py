@@ -236,6 +236,30 @@ def cmd_checkpoint(a) -> None:
           f"resume (find + load) {loaded:.2f} s")
 
 
+def cmd_eval(a) -> None:
+    """Seconds per 1,000 images of an evaluation: the default 64-px G generating, and each extractor
+    (Inception-v3 with random weights of the real architecture: its cost is the real one)."""
+    from dcgan_dist.data.synthetic import write_random_inception
+    from dcgan_dist.eval.features import DigitClassifier, InceptionFeatures
+    from dcgan_dist.models import Generator
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    g = Generator(100, 64, 3, a.resolution).to(dev).eval()
+    x = torch.randint(0, 256, (a.batch_size, 3, a.resolution, a.resolution), dtype=torch.uint8, device=dev)
+    with tempfile.TemporaryDirectory() as tmp:
+        extractors = {"inception": InceptionFeatures(write_random_inception(Path(tmp) / "w.pth")).to(dev),
+                      "digit classifier": DigitClassifier(3, 10).to(dev).eval()}
+    z = torch.randn(a.batch_size, 100, device=dev)
+    print(f"torch {torch.__version__}, {dev}, batch {a.batch_size}, {a.resolution} px, {a.batches} batches")
+    with torch.no_grad():
+        s = _timed(lambda: g(z), 1, a.batches, sync)
+        print(f"generate (G, latent 100, ngf 64): {s / a.batch_size * 1000:.2f} s per 1,000 images")
+        for name, net in extractors.items():
+            s = _timed(lambda: net(x), 1, a.batches, sync)
+            print(f"features ({name}): {s / a.batch_size * 1000:.2f} s per 1,000 images")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -253,8 +277,12 @@ def main(argv=None) -> int:
     t.add_argument("--full", action="store_true", help="torch.compile on every row, not only 64 px fp32")
     c = sub.add_parser("checkpoint", help="checkpoint size, save and resume time")
     c.add_argument("--resolution", type=int, default=64)
+    e = sub.add_parser("eval", help="FID/KID evaluation cost per 1,000 images")
+    e.add_argument("--resolution", type=int, default=64)
+    e.add_argument("--batch-size", type=int, default=50)
+    e.add_argument("--batches", type=int, default=2)
     a = p.parse_args(argv)
-    {"data": cmd_data, "train": cmd_train, "checkpoint": cmd_checkpoint}[a.cmd](a)
+    {"data": cmd_data, "train": cmd_train, "checkpoint": cmd_checkpoint, "eval": cmd_eval}[a.cmd](a)
     return 0
 
 

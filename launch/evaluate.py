@@ -61,6 +61,9 @@ def main(argv=None) -> int:
         print(f"FID {result['fid']:.4f}  KID {result['kid']:.6f} +- {result['kid_std']:.6f}  ({which}, "
               f"{result['n_fake']} generated vs {result['n_real']} real images, features {result['features']}, "
               f"{result['eval_s']:.1f} s: {result['eval_s_per_1k']:.2f} s per 1,000 images)")
+        if "class_fractions" in result:
+            print("classes of the generated images (digit classifier): " +
+                  ", ".join(f"{i}: {f:.1%}" for i, f in enumerate(result["class_fractions"])))
         print(json.dumps(result))
         if a.json:
             a.json.write_text(json.dumps(result, indent=1))

@@ -158,6 +158,8 @@ def test_two_processes_give_the_statistics_of_one(tiny, tmp_path, classifier_cac
         assert torch.allclose(one["ref"][k], two["ref"][k], rtol=1e-12, atol=0)
     assert two["fid"] == pytest.approx(one["fid"], rel=1e-6) and two["kid"] == pytest.approx(one["kid"], rel=1e-4)
     assert one["fid"] > 1
+    assert len(one["class_fractions"]) == 10 and sum(one["class_fractions"]) == pytest.approx(1)
+    assert two["class_fractions"] == pytest.approx(one["class_fractions"])
 
 
 def test_evaluation_during_training_logs_fid_and_keeps_the_best_checkpoint(tiny, tmp_path, classifier_cache):

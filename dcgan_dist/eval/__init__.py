@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .features import build_extractor, cache_dir
+from .features import DigitClassifier, build_extractor, cache_dir
 from .metrics import Dist, fid_kid, generated_features, reference
 
 log = logging.getLogger("dcgan_dist")
@@ -36,9 +36,20 @@ class Evaluator:
         with torch.random.fork_rng(devices=[]):
             fake = generated_features(generator, self.extractor, n, self.cfg.seed, self.dist, self.cfg.batch_size)
         result = fid_kid(self.ref, fake, self.dist, self.cfg.kid_subsets, self.cfg.kid_subset_size, self.cfg.seed)
+        if isinstance(self.extractor, DigitClassifier):
+            result["class_fractions"] = self._class_fractions(fake)
         seconds = time.perf_counter() - t0
         return {**result, "features": self.extractor.key, "eval_s": seconds,
                 "eval_s_per_1k": seconds / n * 1000}
+
+    @torch.no_grad()
+    def _class_fractions(self, fake: torch.Tensor) -> list[float]:
+        """The classifier's verdict on the generated images: the fraction of each class (mode coverage)."""
+        net = self.extractor
+        counts = torch.bincount(net.head(fake * net.scale).argmax(1), minlength=net.head.out_features).double()
+        if self.dist.world > 1:
+            counts = self.dist.reduce_sum(counts)
+        return (counts / counts.sum().clamp(min=1)).tolist()
 
 
 @contextlib.contextmanager
