@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import torch
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 
@@ -15,8 +16,14 @@ def _n_layers(resolution: int) -> int:
     return int(math.log2(resolution)) - 2          # upsamplings from 4x4 to the resolution
 
 
-class Generator(nn.Module):
-    """z (B x latent) -> image (B x C x R x R) in [-1, 1]: transposed convs, BatchNorm, ReLU, Tanh."""
+class Generator(nn.Module, PyTorchModelHubMixin, library_name="dcgan_dist",
+                pipeline_tag="unconditional-image-generation", tags=["dcgan", "gan"]):
+    """z (B x latent) -> image (B x C x R x R) in [-1, 1]: transposed convs, BatchNorm, ReLU, Tanh.
+
+    ``save_pretrained(DIR)`` / ``Generator.from_pretrained(DIR or Hub repo id)`` (huggingface_hub's mixin):
+    model.safetensors plus config.json with the four constructor arguments; launch/export.py writes such a folder
+    from a checkpoint. Loading is strict (every tensor must fit) and returns the generator in eval mode.
+    """
 
     def __init__(self, latent: int = 100, ngf: int = 64, channels: int = 3, resolution: int = 64) -> None:
         super().__init__()
@@ -31,6 +38,11 @@ class Generator(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z.view(z.shape[0], -1, 1, 1))
+
+    @classmethod
+    def _from_pretrained(cls, *, strict: bool = True, **kwargs):
+        # the mixin's default is strict=False (missing tensors left random, silently) and train mode
+        return super()._from_pretrained(strict=strict, **kwargs).eval()
 
 
 class Discriminator(nn.Module):

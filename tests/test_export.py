@@ -1,0 +1,71 @@
+"""launch/export.py: a standalone generator folder, loadable with one line, and a clean failure to upload."""
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dcgan_dist.config import load_config
+from dcgan_dist.models import Generator, load_generator
+from dcgan_dist.train import train
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("export-runs")
+    train(load_config(tiny, [f'runs_dir="{runs}"', "train.max_steps=4", "log.every=2"]))
+    return runs / "tiny" / "checkpoints" / "step_00000004"
+
+
+def test_export_writes_a_folder_that_loads_in_one_line(checkpoint, tmp_path, cli):
+    out = tmp_path / "exported"
+    p = cli("export.py", "--checkpoint", checkpoint, "--out", out)
+    assert f"exported G_ema of {checkpoint} to {out}" in p.stdout
+    assert sorted(f.name for f in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "samples.png",
+                                                      "training_config.toml"]
+    assert json.loads((out / "config.json").read_text()) == {"channels": 1, "latent": 16, "ngf": 8, "resolution": 32}
+    card = (out / "README.md").read_text()
+    assert "library_name: dcgan_dist" in card and "G_ema (the moving average of G) of the run `tiny` at step 4" in card
+    assert "At step 4: loss_d" in card and "![samples](samples.png)" in card
+    # one line, in a fresh interpreter that never touches the training code's config machinery
+    code = ("import sys, torch; from dcgan_dist.models import Generator; g = Generator.from_pretrained(sys.argv[1]); "
+            "assert not g.training and 'dcgan_dist.config' not in sys.modules; "
+            "torch.save(g(torch.randn(3, g.latent, generator=torch.Generator().manual_seed(1))), sys.argv[2])")
+    subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "x.pt")], check=True, timeout=120)
+    g_ema, which, _ = load_generator(checkpoint)
+    with torch.no_grad():
+        expected = g_ema(torch.randn(3, 16, generator=torch.Generator().manual_seed(1)))
+    assert which == "G_ema" and torch.equal(torch.load(tmp_path / "x.pt"), expected)
+    p = cli("export.py", "--checkpoint", checkpoint, "--out", out, check=False)
+    assert p.returncode == 2 and "already exists; choose another folder or pass --overwrite" in p.stderr
+
+
+def test_loading_is_strict(checkpoint, tmp_path, cli):
+    out = tmp_path / "exported"
+    cli("export.py", "--checkpoint", checkpoint, "--out", out, "--raw")
+    weights = load_file(out / "model.safetensors")
+    assert torch.equal(weights["net.0.weight"], load_file(checkpoint / "model.safetensors")["net.0.weight"])
+    del weights["net.0.weight"]
+    save_file(weights, out / "model.safetensors")
+    with pytest.raises(RuntimeError, match="net.0.weight"):
+        Generator.from_pretrained(out)
+
+
+def test_push_to_hub_without_network_is_one_line_and_keeps_the_folder(checkpoint, tmp_path, cli):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()                                                    # nothing listens there
+    out = tmp_path / "exported"
+    p = cli("export.py", "--checkpoint", checkpoint, "--out", out, "--push-to-hub", "someone/dcgan-tiny",
+            check=False, env={"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_TOKEN": "hf_" + "x" * 34})
+    assert p.returncode == 2
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --push-to-hub someone/dcgan-tiny: upload failed (") and "Traceback" not in p.stderr
+    assert last.endswith(f"the exported folder {out} is complete: upload it later with "
+                         f"`hf upload someone/dcgan-tiny {out}`")
+    assert (out / "model.safetensors").is_file() and "someone/dcgan-tiny" in (out / "README.md").read_text()
