@@ -11,7 +11,7 @@ import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_args, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -82,6 +82,7 @@ class LogConfig:
     sample_every: int = 500              # fixed-noise grid every N steps (a multiple of log.every: a grid
                                          # logged at a step without scalars got a W&B media name one step early)
     n_samples: int = 64                  # images in the grid
+    trackers: list[str] = field(default_factory=lambda: ["wandb"])   # any of "wandb", "tensorboard" (or [])
     wandb: str = "auto"                  # online | offline | disabled | auto
     project: str = "dcgan_dist"
     entity: str = ""
@@ -140,6 +141,7 @@ CHOICES = {
     "loss.kind": ("bce", "hinge", "lsgan"), "train.precision": ("fp32", "bf16", "fp16"),
     "log.wandb": ("online", "offline", "disabled", "auto"), "eval.features": ("auto", "inception", "classifier"),
 }
+TRACKERS = ("wandb", "tensorboard")
 POSITIVE = {"model.latent", "model.ngf", "model.ndf", "loss.d_steps", "train.batch_size", "train.max_steps",
             "log.every", "log.sample_every", "log.n_samples", "checkpoint.every", "checkpoint.keep",
             "optim.lr_g", "optim.lr_d", "train.fp16_init_scale", "data.shuffle_window", "train.sync_every",
@@ -172,6 +174,10 @@ def _set(cfg: Config, key: str, value: Any, where: str) -> None:
         hint = f"; did you mean {_full(near[0])!r}?" if near else ""
         raise UserError(f"{where}: unknown key {key!r}{hint}")
     want = KEYS[key]
+    if get_origin(want) is list:                      # a list of strings (log.trackers)
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise UserError(f"{where}: {key} must be a list of strings such as [\"wandb\"], got {value!r}")
+        want = list
     want = get_args(want)[0] if get_args(want) else want
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -251,6 +257,9 @@ def validate(cfg: Config) -> None:
                 "checkpoint.milestone_every", "train.seed", "eval.every", "eval.seed"):
         if flat[key] < 0:
             raise UserError(f"{key} = {flat[key]!r}: must be >= 0")
+    for tracker in cfg.log.trackers:
+        if tracker not in TRACKERS:
+            raise UserError(f"log.trackers: unknown tracker {tracker!r}; choose from {', '.join(TRACKERS)}")
     if not cfg.name or cfg.name in (".", "..") or any(c in cfg.name for c in "/\\\0"):
         raise UserError(f"name = {cfg.name!r}: must be a folder name (not . or .., no / or \\)")
 
@@ -269,6 +278,8 @@ def to_toml(cfg: Config) -> str:
 
 
 def _toml_value(v: Any) -> str:
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):

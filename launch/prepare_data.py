@@ -13,7 +13,10 @@ from dcgan_dist.errors import UserError
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("source", choices=SOURCES)
-    p.add_argument("--input", type=Path, help="archive, folder or lmdb of the source (not for digits)")
+    p.add_argument("--input", help="archive, folder or lmdb of the source (not for digits); for webdataset, "
+                                   "shard paths or http(s) URLs with braces: 'shards-{000000..000099}.tar'")
+    p.add_argument("--label-field", help="webdataset: take the label from this field of each sample's .json "
+                                         "(default: the .cls member)")
     p.add_argument("--out", type=Path, required=True, help="output folder for shards + manifest.json")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--channels", type=int, choices=(1, 3), help="default: the source's own")
@@ -29,9 +32,9 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     try:
-        src = open_source(a.source, a.input, a.split, a.download)
-        opts = PrepareOptions(a.source, str(a.input) if a.input else None, a.split, a.resolution, a.channels,
-                              a.classes, a.shard_size, a.chunk_size, a.limit)
+        src = open_source(a.source, a.input, a.split, a.download, a.label_field)
+        opts = PrepareOptions(a.source, a.input, a.split, a.resolution, a.channels,
+                              a.classes, a.shard_size, a.chunk_size, a.limit, a.label_field)
         m = prepare(src, a.out, opts, workers=a.workers, overwrite=a.overwrite, progress=not a.quiet)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

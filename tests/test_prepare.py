@@ -324,3 +324,60 @@ def test_converter_touches_only_its_own_temporary_files(tmp_path):
     prepare(open_source("digits", None), out, PrepareOptions("digits", None, resolution=8), progress=False)
     assert (out / "thesis.tmp").read_text() == "a user's own file" and (out / "folder.tmp").is_dir()
     assert not (out / "shard-000000.tar.tmp").exists() and (out / "manifest.json").exists()
+
+
+def _write_wds(folder, n=10, bad=(), extra_pickle_marker=None):
+    """img2dataset-style shards: one PNG per sample, the class in .cls and in .json; returns the pixels."""
+    import io
+    import pickle
+    import webdataset as wds
+
+    class Marker:
+        def __reduce__(self):
+            return (open, (str(extra_pickle_marker), "w"))
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    pixels = []
+    with wds.ShardWriter(str(folder / "shards-%06d.tar"), maxcount=4, verbose=0) as sink:
+        for i in range(n):
+            img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            pixels.append(img)
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, "PNG")
+            sample = {"__key__": f"{i:05d}", "png": b"not an image" if i in bad else buf.getvalue(),
+                      "cls": str(i % 3).encode(), "json": json.dumps({"animal": ["cat", "dog", "emu"][i % 3]}).encode()}
+            if extra_pickle_marker is not None:
+                sample["pkl"] = pickle.dumps(Marker())
+            sink.write(sample)
+    return pixels
+
+
+def test_webdataset_source_is_pixel_exact_counts_corrupt_and_never_unpickles(tmp_path, cli):
+    marker = tmp_path / "PWNED"
+    pixels = _write_wds(tmp_path / "wds", n=10, bad=(4,), extra_pickle_marker=marker)
+    assert len(list((tmp_path / "wds").glob("*.tar"))) == 3
+    p = cli("prepare_data.py", "webdataset", "--input", f"{tmp_path}/wds/shards-{{000000..000002}}.tar",
+            "--out", tmp_path / "out", "--resolution", 32, "--workers", 1, "--quiet")
+    assert "wrote 9 images" in p.stdout and "skipped 1 corrupt" in p.stdout
+    m = load_manifest(tmp_path / "out")
+    assert m["class_names"] == ["0", "1", "2"] and m["skipped"]["items"][0][0] == "shards-000001.tar:00004"
+    got = {key: (x, y) for x, y, key in read_shards(tmp_path / "out", with_keys=True)}
+    for i in (0, 5, 9):
+        x, y = got[f"shards-{i // 4:06d}.tar:{i:05d}"]
+        assert np.array_equal(x, pixels[i]) and y == i % 3
+    assert not marker.exists()
+    cli("prepare_data.py", "webdataset", "--input", f"{tmp_path}/wds/shards-{{000000..000002}}.tar",
+        "--out", tmp_path / "out2", "--resolution", 32, "--label-field", "animal", "--classes", "emu", "--quiet")
+    m = load_manifest(tmp_path / "out2")
+    assert m["class_names"] == ["cat", "dog", "emu"] and m["num_images"] == 3          # samples 2, 5, 8
+
+
+@pytest.mark.parametrize("pattern, message", [
+    ("pipe:cat {tmp}/wds/shards-000000.tar", "only local paths and http(s) URLs are read"),
+    ("{tmp}/wds/shards-{{000000..000009}}.tar", "shards-000003.tar: no such shard file"),
+])
+def test_webdataset_source_refuses_pipes_and_missing_shards(tmp_path, cli, pattern, message):
+    _write_wds(tmp_path / "wds", n=10)
+    p = cli("prepare_data.py", "webdataset", "--input", pattern.format(tmp=tmp_path), "--out", tmp_path / "out",
+            check=False)
+    assert p.returncode == 2 and message in p.stderr and p.stderr.count("\n") == 1

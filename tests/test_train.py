@@ -51,7 +51,8 @@ def test_g_step_does_not_all_reduce_or_compute_d_gradients(tiny, tmp_path):
 
 def test_two_process_offline_run_makes_one_wandb_run_and_rank0_outputs(tiny, tmp_path):
     runs = tmp_path / "runs"
-    launch("train", tmp_path / "w", tiny, f'runs_dir="{runs}"', 'name="w"', 'log.wandb="offline"', "log.every=1")
+    launch("train", tmp_path / "w", tiny, f'runs_dir="{runs}"', 'name="w"', 'log.wandb="offline"', "log.every=1",
+           'log.trackers=["wandb", "tensorboard"]')
     run = runs / "w"
     offline = list((run / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
@@ -64,6 +65,14 @@ def test_two_process_offline_run_makes_one_wandb_run_and_rank0_outputs(tiny, tmp
         "progress.gif", "step_00000003.png", "step_00000006.png"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]        # written once, by rank 0
+    # TensorBoard beside W&B: one event file (rank 0), the same scalars at the same steps, the grids
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = list((run / "tensorboard").rglob("events.out.tfevents.*"))    # the run's, and its hparams' subdir
+    assert len({e.name.split(".")[4] for e in events}) == 1                  # one process (pid) wrote them
+    assert [e.parent.name for e in events].count("dcgan_dist") == 1
+    tb = EventAccumulator(str(run / "tensorboard" / "dcgan_dist"), size_guidance={"images": 0}).Reload()
+    assert [(e.step, round(e.value, 5)) for e in tb.Scalars("loss_d")] == [(r["step"], round(r["loss_d"], 5)) for r in rows]
+    assert [e.step for e in tb.Images("samples")] == [3, 6]
     for key in ("loss_d", "loss_g", "d_real", "d_fake", "scale_d", "skipped_d", "images_per_s", "s_per_step"):
         assert key in rows[0]
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000006"]

@@ -40,6 +40,7 @@ class PrepareOptions:
     shard_size: int = 8192             # images per shard (~100 MB at 64 px RGB)
     chunk_size: int = 256              # images per tar sample; the loader's unit of reading
     limit: int | None = None
+    label_field: str | None = None     # webdataset: the .json field holding the label
 
 
 def decode_chunk(items: list[Item], resolution: int, channels: int):

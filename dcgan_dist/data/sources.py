@@ -278,11 +278,91 @@ class FolderSource(Source):
             yield Item(str(p.relative_to(self.root)), p, y)
 
 
+# ---------------------------------------------------------------------------------------- webdataset
+WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff")
+
+
+class WebDatasetSource(Source):
+    """Existing one-image-per-sample WebDataset shards (img2dataset, ``webdataset.ShardWriter``): a jpg/png/webp
+    member per sample, the label from ``cls`` or from a field of the ``json`` member (``label_field``).
+
+    Read through webdataset's own pipeline, but only the image, ``cls`` and ``json`` members are ever looked at
+    and never with webdataset's default decoders (which would unpickle a ``.pkl`` member). Inputs are local
+    paths or http(s) URLs, with webdataset's brace patterns (``shards-{000000..000099}.tar``); ``pipe:`` and
+    other schemes are refused. A first pass reads the labels (the count, and the class names: the sorted
+    distinct values); the second yields the image bytes, decoded by the converter's workers.
+    """
+
+    name = "webdataset"
+    default_channels = 3
+
+    def __init__(self, pattern: str, label_field: str | None = None) -> None:
+        from braceexpand import braceexpand
+
+        urls = list(braceexpand(pattern))
+        for url in urls:
+            scheme = url.split("://", 1)[0] if "://" in url else ""
+            if scheme not in ("", "http", "https") or url.startswith("pipe:"):
+                raise UserError(f"--input {url}: only local paths and http(s) URLs are read (not {scheme or url[:5]!r})")
+            if not scheme and not Path(url).is_file():
+                raise UserError(f"--input: {url}: no such shard file")
+        self.urls, self.label_field = urls, label_field
+        raw = [label for _, _, label in self._samples(with_image=False)]
+        if any(v is None for v in raw):
+            self.class_names, self.targets = None, np.zeros(len(raw), dtype=np.int64)
+        else:
+            values = sorted(set(raw), key=lambda v: (isinstance(v, str), v))
+            self.class_names = [str(v) for v in values]
+            index = {v: i for i, v in enumerate(values)}
+            self.targets = np.array([index[v] for v in raw], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def labels(self) -> np.ndarray:
+        return self.targets
+
+    def items(self) -> Iterator[Item]:
+        for (key, image, _), y in zip(self._samples(with_image=True), self.targets):
+            yield Item(key, image if image is not None else b"", int(y))
+
+    def _samples(self, with_image: bool):
+        """(key, image bytes or None, raw label or None) per sample, in shard order."""
+        import json
+
+        import webdataset as wds
+
+        wanted = set(WDS_IMAGE_EXTS) | {"cls", "json"}
+        ds = wds.WebDataset(self.urls, shardshuffle=False, empty_check=False,
+                            select_files=lambda name: name.rsplit(".", 1)[-1].lower() in wanted)
+        try:
+            for sample in ds:
+                key = f"{Path(sample['__url__']).name}:{sample['__key__']}"
+                label = None
+                try:
+                    if self.label_field:
+                        label = json.loads(sample["json"])[self.label_field]
+                    elif "cls" in sample:
+                        label = int(sample["cls"].decode().strip())
+                except (KeyError, ValueError, TypeError, UnicodeDecodeError):
+                    label = None
+                if label is not None and not isinstance(label, (int, str)):
+                    label = str(label)
+                image = next((sample[k] for k in sample if k.lower() in WDS_IMAGE_EXTS), None) if with_image else None
+                yield key, image, label
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged tar or an unreachable URL, from inside webdataset
+            raise UserError(f"--input {self.urls[0] if len(self.urls) == 1 else 'shards'}: cannot read "
+                            f"({type(e).__name__}: {str(e)[:200]})") from None
+
+
 # -------------------------------------------------------------------------------------------- helpers
-SOURCES = ("digits", "cifar10", "mnist", "lsun", "folder")
+SOURCES = ("digits", "cifar10", "mnist", "lsun", "folder", "webdataset")
 
 
-def open_source(name: str, path: Path | None, split: str = "train", download: bool = False) -> Source:
+def open_source(name: str, path: str | Path | None, split: str = "train", download: bool = False,
+                label_field: str | None = None) -> Source:
     """Build the reader for ``name``; every mistake (unknown source, bad path) is a UserError."""
     if name not in SOURCES:
         raise UserError(f"unknown source {name!r}; choose one of {', '.join(SOURCES)}")
@@ -294,6 +374,11 @@ def open_source(name: str, path: Path | None, split: str = "train", download: bo
         raise UserError(f"source {name!r} needs --input PATH")
     if download and name not in ("cifar10", "mnist"):
         raise UserError(f"--download is only available for cifar10 and mnist, not {name}")
+    if name == "webdataset":                  # a pattern or URL, not one path
+        return WebDatasetSource(str(path), label_field)
+    if label_field:
+        raise UserError("--label-field is only for the webdataset source")
+    path = Path(path)
     if not download and not path.exists():
         raise UserError(f"{path}: no such file or folder")
     if name == "cifar10":

@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 import time
-import uuid
 from pathlib import Path
 
 if sys.version_info >= (3, 11):
@@ -17,7 +16,7 @@ else:  # pragma: no cover
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from tqdm import tqdm
 
 from ..config import Config, flatten, to_toml
@@ -32,7 +31,8 @@ from .checkpoint import TrainState
 from .rundir import RunLock, compare, preflight, roll_back
 from .ema import EMA
 from .step import Nets, d_only_step, gan_step, make_scalers, mean_bn_stats
-from .tracking import MetricsFile, sample_grid, save_grid, wandb_mode, write_gif
+from .tracking import (MetricsFile, check_trackers, log_image, sample_grid, save_grid, start_trackers, trackers,
+                       wandb_mode, write_gif)
 
 log = logging.getLogger("dcgan_dist")
 
@@ -45,16 +45,17 @@ def describe(cfg: Config) -> str:
             f"{m['channels']} ch, {len(m['shards'])} shards, source {m.get('source')}, "
             f"classes {m.get('class_names')}\n"
             f"# generator: {count_parameters(g):,} parameters; discriminator: {count_parameters(d):,} parameters\n"
-            f"# wandb: {wandb_mode(cfg.log.wandb)} (log.wandb = {cfg.log.wandb!r})\n")
+            f"# trackers: {', '.join(trackers(cfg.log, wandb_mode(cfg.log.wandb))) or 'none'} (W&B mode "
+            f"{wandb_mode(cfg.log.wandb) if 'wandb' in cfg.log.trackers else 'disabled'}, log.wandb = {cfg.log.wandb!r})\n")
 
 
 def _accelerator(cfg: Config, wandb: str) -> Accelerator:
-    use_wandb = wandb != "disabled"
     return Accelerator(
         cpu=not torch.cuda.is_available(),       # without it a CPU-only --multi_gpu launch runs undistributed
         mixed_precision="no",                    # precision is ours: per-network scalers, see step.py
-        log_with="wandb" if use_wandb else None,
-        project_dir=str(cfg.run_dir),
+        log_with=trackers(cfg.log, wandb) or None,
+        project_config=ProjectConfiguration(project_dir=str(cfg.run_dir),
+                                            logging_dir=str(cfg.run_dir / "tensorboard")),
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=cfg.train.broadcast_buffers)],
     )
 
@@ -116,7 +117,9 @@ def train(cfg: Config) -> dict:
     world = int(os.environ.get("WORLD_SIZE", 1))
     manifest = preflight(cfg, world)
     main = int(os.environ.get("RANK", 0)) == 0
-    wandb = wandb_mode(cfg.log.wandb, main)          # may wait PROBE_TIMEOUT_S for W&B to answer
+    check_trackers(cfg.log)
+    # may wait PROBE_TIMEOUT_S for W&B to answer
+    wandb = wandb_mode(cfg.log.wandb, main) if "wandb" in cfg.log.trackers else "disabled"
     lock = RunLock(cfg.run_dir) if main else None
     loader = None
     try:
@@ -215,7 +218,8 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
           wandb: str, evaluator: Evaluator | None):
     main, run_dir = acc.is_main_process, cfg.run_dir
     ckpt_root = run_dir / "checkpoints"
-    mode = _start_trackers(acc, cfg, state, wandb)
+    mode = wandb
+    start_trackers(acc, cfg, state, wandb)
     metrics = MetricsFile(run_dir / "metrics.jsonl", keep_until=state.step) if main else None
     bar = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not (main and cfg.log.progress_bar),
                unit="step", dynamic_ncols=True)
@@ -314,33 +318,14 @@ def _evaluate(acc: Accelerator, nets: Nets, state: TrainState, evaluator: Evalua
 
 
 def _log_grids(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, unwrapped_g, mode: str) -> None:
-    """The fixed-noise grid of G_ema (of G without model.ema) to samples/ and W&B; G's own with log.raw_grid."""
+    """The fixed-noise grid of G_ema (of G without model.ema) to samples/ and the trackers; G's own with
+    log.raw_grid."""
     grids = {"samples": (nets.ema.model if nets.ema is not None else unwrapped_g, cfg.run_dir / "samples")}
     if nets.ema is not None and cfg.log.raw_grid:
         grids["samples_raw"] = (unwrapped_g, cfg.run_dir / "samples" / "raw")
     for name, (generator, folder) in grids.items():
         path = save_grid(sample_grid(generator, state.fixed_noise), folder, state.step)
-        if mode != "disabled":
-            import wandb
-            acc.log({name: wandb.Image(str(path))}, step=state.step)
-
-
-def _start_trackers(acc: Accelerator, cfg: Config, state: TrainState, mode: str) -> str:
-    """W&B through Accelerate (rank 0 only); the run id lives in the checkpoint so a resume continues the run."""
-    if mode != "disabled":
-        if acc.is_main_process and not state.wandb_id:
-            state.wandb_id = uuid.uuid4().hex[:12]
-        try:
-            acc.init_trackers(cfg.log.project, config=cfg.to_dict(), init_kwargs={"wandb": {
-                "name": cfg.name, "id": state.wandb_id or None, "resume": "allow", "dir": str(cfg.run_dir),
-                "mode": mode, "entity": cfg.log.entity or None, "group": os.environ.get("SLURM_JOB_ID")}})
-        except Exception as e:  # noqa: BLE001 - wandb raises its own types (CommError, UsageError, AuthenticationError)
-            if not type(e).__module__.startswith("wandb"):
-                raise
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise UserError(f"W&B could not start in {mode} mode ({type(e).__name__}: {first}); fix it or set "
-                            f'log.wandb = "offline" (upload later with wandb sync) or "disabled"') from None
-    return mode
+        log_image(acc, trackers(cfg.log, mode), name, path, state.step)
 
 
 def _sync_point(acc, cfg: Config, nets: Nets, state: TrainState, nonfinite: torch.Tensor, stop: StopRequest):

@@ -7,6 +7,7 @@ import logging
 import netrc
 import os
 import threading
+import uuid
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -90,6 +91,60 @@ def wandb_mode(mode: str, main: bool = True, timeout: float = PROBE_TIMEOUT_S) -
                         f'or set log.wandb = "offline" (upload later with wandb sync) or "auto" (offline when '
                         f'W&B cannot be reached)')
     return "online"
+
+
+def trackers(log_cfg, wandb: str) -> list[str]:
+    """The Accelerate trackers of a run: ``log.trackers``, less W&B when its mode is "disabled"."""
+    return [t for t in log_cfg.trackers if t != "wandb" or wandb != "disabled"]
+
+
+def check_trackers(log_cfg) -> None:
+    if "tensorboard" in log_cfg.trackers:
+        try:
+            import torch.utils.tensorboard  # noqa: F401 - needs the tensorboard package
+        except ImportError:
+            raise UserError('log.trackers includes "tensorboard" but the tensorboard package is not installed; '
+                            'run pip install -e ".[tensorboard]" (or pip install tensorboard)') from None
+
+
+def start_trackers(acc, cfg, state, wandb: str) -> None:
+    """Start the run's trackers through Accelerate (rank 0 only). W&B's run id lives in the checkpoint, so a
+    resume continues the same W&B run; TensorBoard writes under <run_dir>/tensorboard/<project>/."""
+    from ..config import flatten
+
+    names = trackers(cfg.log, wandb)
+    if not names:
+        return
+    if acc.is_main_process and "wandb" in names and not state.wandb_id:
+        state.wandb_id = uuid.uuid4().hex[:12]
+    kwargs = {"wandb": {"name": cfg.name, "id": state.wandb_id or None, "resume": "allow", "dir": str(cfg.run_dir),
+                        "mode": wandb, "entity": cfg.log.entity or None, "group": os.environ.get("SLURM_JOB_ID")}}
+    try:
+        acc.init_trackers(cfg.log.project, config=None, init_kwargs=kwargs)
+    except Exception as e:  # noqa: BLE001 - wandb raises its own types (CommError, UsageError, AuthenticationError)
+        if not type(e).__module__.startswith("wandb"):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"W&B could not start in {wandb} mode ({type(e).__name__}: {first}); fix it or set "
+                        f'log.wandb = "offline" (upload later with wandb sync) or "disabled"') from None
+    if acc.is_main_process:
+        if "wandb" in names:
+            acc.get_tracker("wandb").store_init_configuration(cfg.to_dict())
+        if "tensorboard" in names:     # TensorBoard's hparams take flat scalars
+            acc.get_tracker("tensorboard").store_init_configuration(
+                {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flatten(cfg.to_dict()).items()})
+
+
+def log_image(acc, names: list[str], name: str, path: Path, step: int) -> None:
+    """A saved grid PNG to each tracker, at ``step`` (rank 0)."""
+    if "wandb" in names:
+        import wandb
+        acc.get_tracker("wandb").log({name: wandb.Image(str(path))}, step=step)
+    if "tensorboard" in names:
+        import numpy as np
+        from PIL import Image
+        image = np.asarray(Image.open(path).convert("RGB"))[None]
+        acc.get_tracker("tensorboard").log_images({name: image}, step=step, dataformats="NHWC")
 
 
 class MetricsFile:
