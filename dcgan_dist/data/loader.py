@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import signal
 import weakref
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import UserError
 from .shards import load_manifest, read_chunk
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,13 @@ class _ShardStream(IterableDataset):
     """The per-worker producer. Yields ``(images, labels, first_batch_index, corrupt_chunks)`` forever;
     ``images`` holds n consecutive batches of its slot, i.e. rank batches g, g+W, ..., g+(n-1)W."""
 
-    def __init__(self, root: Path, manifest: dict, batch_size: int, rank: int, world_size: int,
-                 num_slots: int, seed: int, shuffle_window: int, start_batch: int, check: bool) -> None:
-        self.root = root
+    def __init__(self, store: Store, manifest: dict, batch_size: int, rank: int, world_size: int,
+                 num_slots: int, seed: int, shuffle_window: int, start_batch: int, check: bool,
+                 concurrency: int) -> None:
+        self.store = store
         self.check = check
+        self.concurrency = concurrency          # chunk reads in flight per worker (remote shards)
+        self._pool = None
         self.shape = (manifest["resolution"], manifest["resolution"], manifest["channels"])
         self.chunks = [(s["name"], c) for s in manifest["shards"] for c in s["chunks"]]
         self.sizes = np.array([c["n"] for _, c in self.chunks], dtype=np.int64)
@@ -57,7 +61,6 @@ class _ShardStream(IterableDataset):
         self.window_batches = max(1, shuffle_window // batch_size)
         self.start_batch = start_batch
         self.group = max(1, 512 // batch_size)
-        self._files: OrderedDict = OrderedDict()
         self._warned: set = set()
 
     @property
@@ -93,14 +96,16 @@ class _ShardStream(IterableDataset):
         ends = np.cumsum(self.sizes[order])
         lo = slot * self.slot_len + w * self.window_batches * self.B
         hi = min(lo + self.window_batches * self.B, (slot + 1) * self.slot_len)
-        pieces: list = []                  # (images, labels) per chunk piece, or an int: places of a corrupt one
+        spans = []                         # (chunk index, first, last image of it in this window)
         first = int(np.searchsorted(ends, lo, side="right"))
         for pos in range(first, len(order)):
             start = int(ends[pos] - self.sizes[order[pos]])
             if start >= hi:
                 break
-            a, z = max(lo, start) - start, min(hi, int(ends[pos])) - start
-            chunk = self._read(int(order[pos]))
+            spans.append((int(order[pos]), max(lo, start) - start, min(hi, int(ends[pos])) - start))
+        chunks = self._read_all([index for index, _, _ in spans])
+        pieces: list = []                  # (images, labels) per chunk piece, or an int: places of a corrupt one
+        for (_, a, z), chunk in zip(spans, chunks):
             pieces.append(z - a if chunk is None else (chunk[0][a:z], chunk[1][a:z]))
         rng = np.random.default_rng([self.seed, epoch, slot, w])
         bad = sum(isinstance(p, int) for p in pieces)
@@ -114,7 +119,7 @@ class _ShardStream(IterableDataset):
         """Keep the batch count exact: a corrupt chunk's places are filled with repeats from the window."""
         good = [p for p in pieces if not isinstance(p, int)]
         if not good:
-            raise RuntimeError(f"{self.root}: every chunk of a loader window is corrupt; "
+            raise RuntimeError(f"{self.store}: every chunk of a loader window is corrupt; "
                                f"re-create the shards (see the warnings above)")
         pool_x, pool_y = np.concatenate([x for x, _ in good]), np.concatenate([y for _, y in good])
         filled = []
@@ -125,20 +130,29 @@ class _ShardStream(IterableDataset):
             filled.append(p)
         return filled
 
+    def _read_all(self, indices: list[int]) -> list:
+        """The chunks of a window; remote ones with ``concurrency`` range requests in flight, so a window costs
+        about one round trip rather than one per chunk."""
+        if not self.store.remote or len(indices) < 2:
+            return [self._read(i) for i in indices]
+        if self._pool is None or self._pool[0] != os.getpid():      # a forked worker starts its own threads
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = (os.getpid(), ThreadPoolExecutor(self.concurrency, thread_name_prefix="shard-read"))
+        return list(self._pool[1].map(self._read, indices))
+
     def _read(self, index: int):
         name, chunk = self.chunks[index]
-        f = self._files.pop(name, None) or open(self.root / name, "rb")
-        self._files[name] = f
-        if len(self._files) > 32:                        # bound open files per worker
-            self._files.popitem(last=False)[1].close()
         try:
-            return read_chunk(f, chunk, self.shape, self.check)
+            return read_chunk(self.store, name, chunk, self.shape, self.check)
         except (ValueError, OSError) as e:
             if (name, chunk["key"]) not in self._warned:
                 self._warned.add((name, chunk["key"]))
                 log.warning("skipping corrupt chunk %s in %s (%d images): %s", chunk["key"],
-                            self.root / name, chunk["n"], e)
+                            self.store.url(name), chunk["n"], e)
             return None
+
+    def __getstate__(self):                # a worker gets its own thread pool
+        return {**self.__dict__, "_pool": None}
 
 
 def check_fills(root, num_images: int, batch_size: int, world_size: int, num_workers: int) -> None:
@@ -161,17 +175,21 @@ class ShardLoader:
     def __init__(self, root: str | Path, batch_size: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 2, seed: int = 0, shuffle_window: int = 4096, start_batch: int = 0,
                  verify: str = "size", resolution: int | None = None, channels: int | None = None,
-                 pin_memory: bool = False, prefetch_factor: int = 4, manifest: dict | None = None) -> None:
-        """``manifest``: one already returned by ``load_manifest`` for this root and these checks (the trainer's
-        pre-flight), so the shards are not verified twice."""
-        self.root = Path(root)
-        self.manifest = manifest or load_manifest(self.root, verify, resolution, channels)
+                 pin_memory: bool = False, prefetch_factor: int = 4, manifest: dict | None = None,
+                 concurrency: int = 16) -> None:
+        """``root``: a folder or an s3:// gs:// http(s):// URL. ``manifest``: one already returned by
+        ``load_manifest`` for this root and these checks (the trainer's pre-flight), so the shards are not
+        verified twice. ``concurrency``: chunk range requests in flight per worker for remote shards."""
+        self.store = Store(root)
+        self.root = self.store.root
+        self.manifest = manifest or load_manifest(root, verify, resolution, channels)
         if batch_size < 1 or num_workers < 0:
             raise UserError(f"batch size must be >= 1 and workers >= 0 (got {batch_size}, {num_workers})")
         self.num_slots = max(1, num_workers)
         check_fills(self.root, self.manifest["num_images"], batch_size, world_size, num_workers)
-        self.stream = _ShardStream(self.root, self.manifest, batch_size, rank, world_size, self.num_slots,
-                                   seed, shuffle_window, start_batch, check=verify != "none")
+        self.stream = _ShardStream(self.store, self.manifest, batch_size, rank, world_size, self.num_slots,
+                                   seed, shuffle_window, start_batch, check=verify != "none",
+                                   concurrency=max(1, concurrency))
         self.batches = start_batch
         self.corrupt_chunks = 0
         self._it = None

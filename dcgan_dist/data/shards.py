@@ -33,6 +33,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import UserError
+from .store import Store
 
 FORMAT = "dcgan_dist.shards/1"
 MANIFEST = "manifest.json"
@@ -103,21 +104,22 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def load_manifest(root: str | Path, verify: str = "size", resolution: int | None = None,
+def load_manifest(root, verify: str = "size", resolution: int | None = None,
                   channels: int | None = None) -> dict:
     """Read ``root/manifest.json``, check its shape, and check the shards against it before training.
 
-    ``verify``: ``"size"`` (every shard exists with the recorded byte size; instant) or ``"sha256"``
-    (also hash every shard). ``resolution``/``channels``: what the run expects; a mismatch is an error.
+    ``root``: a folder, or an s3:// gs:// http(s):// URL (see store.py). ``verify``: ``"size"`` (every shard
+    exists with the recorded byte size; instant locally, one request per shard remotely) or ``"sha256"``
+    (also hash every shard: reads them all). ``resolution``/``channels``: what the run expects.
     """
-    root = Path(root)
-    path = root / MANIFEST
-    if not path.is_file():
+    store = Store(root)
+    path = store.url(MANIFEST)
+    if not store.exists(MANIFEST):
         hint = " (a conversion seems to be in progress or was interrupted; re-run prepare_data.py)" \
-            if (root / "prepare_state.json").exists() else ""
+            if store.exists("prepare_state.json") else ""
         raise UserError(f"{path}: no manifest; create shards with launch/prepare_data.py{hint}")
     try:
-        manifest = json.loads(path.read_bytes())
+        manifest = json.loads(store.read_bytes(MANIFEST))
     except (OSError, ValueError) as e:       # ValueError: invalid JSON or not UTF-8
         raise UserError(f"{path}: unreadable manifest ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -131,15 +133,24 @@ def load_manifest(root: str | Path, verify: str = "size", resolution: int | None
     if verify not in ("size", "sha256", "none"):
         raise UserError(f"verify must be size, sha256 or none, not {verify!r}")
     for shard in manifest["shards"]:
-        f = root / shard["name"]
-        if not f.is_file():
+        f = store.url(shard["name"])
+        if not store.exists(shard["name"]):
             raise UserError(f"{f}: shard listed in {path} is missing")
-        if verify != "none" and f.stat().st_size != shard["bytes"]:
-            raise UserError(f"{f}: {f.stat().st_size} bytes, manifest says {shard['bytes']} "
+        size = store.size(shard["name"]) if verify != "none" else shard["bytes"]
+        if size != shard["bytes"]:
+            raise UserError(f"{f}: {size} bytes, manifest says {shard['bytes']} "
                             f"(truncated or replaced); re-create the shards")
-        if verify == "sha256" and sha256_file(f) != shard["sha256"]:
+        if verify == "sha256" and _sha256_shard(store, shard["name"]) != shard["sha256"]:
             raise UserError(f"{f}: sha256 differs from the manifest (corrupted); re-create the shards")
     return manifest
+
+
+def _sha256_shard(store: Store, name: str) -> str:
+    h = hashlib.sha256()
+    with store.open(name) as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
 
 
 # A shard is a plain file name inside the shard folder: no path separators, no "..", no URL scheme
@@ -207,13 +218,27 @@ def chunk_crc32(images: bytes, labels: bytes) -> int:
     return zlib.crc32(labels, zlib.crc32(images))
 
 
-def read_chunk(f, chunk: dict, shape: tuple[int, int, int], check: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Read one chunk's images and labels from an open shard file, by the manifest's byte offsets.
+def chunk_span(chunk: dict) -> tuple[int, int]:
+    """The byte range [start, end) of a shard that holds a chunk's images and labels (one read)."""
+    ends = [off + size for off, size in (chunk["images"], chunk["labels"])]
+    return min(chunk["images"][0], chunk["labels"][0]), max(ends)
+
+
+def read_chunk(store: Store, name: str, chunk: dict, shape: tuple[int, int, int],
+               check: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Read one chunk's images and labels from a shard, by the manifest's byte offsets, in one range read.
 
     ``check``: compare the bytes with the chunk's ``crc32`` (manifests written before it existed have none).
     Raises ValueError when the bytes differ from the manifest's or are not the npy arrays it describes.
     """
-    raw_images, raw_labels = _read_bytes(f, *chunk["images"]), _read_bytes(f, *chunk["labels"])
+    start, end = chunk_span(chunk)
+    buf = store.read_range(name, start, end)
+    if len(buf) != end - start:
+        raise ValueError(f"short read ({len(buf)} of {end - start} bytes)")
+
+    def member(offset: int, size: int) -> bytes:
+        return buf[offset - start: offset - start + size]
+    raw_images, raw_labels = member(*chunk["images"]), member(*chunk["labels"])
     if check and "crc32" in chunk and chunk_crc32(raw_images, raw_labels) != chunk["crc32"]:
         raise ValueError("checksum differs from the manifest's (bytes changed since the shards were written)")
     images = np.lib.format.read_array(io.BytesIO(raw_images), allow_pickle=False)
@@ -241,23 +266,24 @@ def read_shards(path: str | Path, with_keys: bool = False) -> Iterator[tuple]:
 
     Reads the tars with WebDataset's own tar iterator and sample grouping, but decodes only the members
     the format defines (npy without pickles, JSON) and refuses any other member by name: webdataset's
-    default decoders would unpickle a ``.pkl`` member. Shards are opened as plain files, never as URLs.
+    default decoders would unpickle a ``.pkl`` member. Shards are opened through the Store (plain files, or
+    fsspec for an s3/gs/http(s) root), never through webdataset's URL handling (which runs ``pipe:`` names).
     """
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    root = Path(path)
-    manifest = load_manifest(root)
+    store = Store(path)
+    manifest = load_manifest(path)
     for shard in manifest["shards"]:
-        f = root / shard["name"]
+        f = store.url(shard["name"])
         listed = {c["key"]: c for c in shard["chunks"]}
-        with open(f, "rb") as stream:
-            for sample in group_by_keys(tar_file_expander([{"url": str(f), "stream": stream}])):
+        with store.open(shard["name"]) as stream:
+            for sample in group_by_keys(tar_file_expander([{"url": f, "stream": stream}])):
                 images, labels, keys = _decode_sample(sample, f, listed)
                 for img, label, key in zip(images, labels, keys):
                     yield (img, int(label), key) if with_keys else (img, int(label))
 
 
-def _decode_sample(sample: dict, shard: Path, listed: dict) -> tuple:
+def _decode_sample(sample: dict, shard: str, listed: dict) -> tuple:
     members = {k for k in sample if not k.startswith("__")}
     extra = sorted(members - set(MEMBERS))
     if extra or members != set(MEMBERS):

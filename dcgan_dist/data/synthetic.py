@@ -140,3 +140,68 @@ def write_random_inception(path: Path, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), path)
     return path
+
+
+def serve_http(folder: Path, latency: float = 0.0, fail_first: int = 0):
+    """A plain HTTP server on 127.0.0.1 for ``folder`` that answers byte-range requests (206) and HEAD, with
+    ``latency`` seconds added to every request, in a daemon thread: stands in for object storage / a CDN in
+    tests and ``bench.py data --http``. The first ``fail_first`` range requests get a 503 (a flaky network).
+    Returns ``(base_url, server)``; ``server.requests`` counts requests, ``server.shutdown()`` stops it."""
+    import http.server
+    import threading
+    import time
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _target(self):
+            path = folder / self.path.lstrip("/").split("?")[0]
+            return path if path.is_file() and folder in path.resolve().parents else None
+
+        def do_HEAD(self):
+            self._answer(body=False)
+
+        def do_GET(self):
+            self._answer(body=True)
+
+        def _answer(self, body: bool):
+            self.server.requests += 1
+            time.sleep(latency)
+            path = self._target()
+            if path is None:
+                self.send_error(404)
+                return
+            size = path.stat().st_size
+            start, end = 0, size                              # [start, end)
+            ranged = self.headers.get("Range", "").startswith("bytes=")
+            if ranged and self.server.failures < fail_first:
+                self.server.failures += 1
+                self.send_error(503)
+                return
+            if ranged:
+                a, _, b = self.headers["Range"][6:].partition("-")
+                start, end = int(a or 0), min(size, int(b) + 1 if b else size)
+            self.send_response(206 if ranged else 200)
+            self.send_header("Content-Length", str(end - start))
+            self.send_header("Accept-Ranges", "bytes")
+            if ranged:
+                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+            self.end_headers()
+            if body:
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    self.wfile.write(f.read(end - start))
+
+        def log_message(self, *args):
+            pass
+
+    class Server(http.server.ThreadingHTTPServer):
+        def handle_error(self, request, client_address):    # a client closing its keep-alive connection
+            pass
+
+    folder = Path(folder).resolve()
+    server = Server(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    server.requests = server.failures = 0
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}", server

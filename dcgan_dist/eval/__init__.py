@@ -23,7 +23,7 @@ class Evaluator:
     A collective when ``dist.world > 1``: every rank builds it and calls it at the same point."""
 
     def __init__(self, ecfg, shards: str | Path, manifest: dict, dist: Dist) -> None:
-        self.cfg, self.dist, self.shards = ecfg, dist, Path(shards)
+        self.cfg, self.dist, self.shards = ecfg, dist, shards
         with _main_first(dist):    # rank 0 trains/caches the classifier or computes nothing; the others load it
             self.extractor = build_extractor(ecfg.features, self.shards, manifest, ecfg.inception_weights,
                                              ecfg.cache_dir, dist.device)

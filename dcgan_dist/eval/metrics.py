@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..data.shards import fingerprint, read_chunk
+from ..data.store import Store
 
 log = logging.getLogger("dcgan_dist")
 
@@ -90,10 +91,10 @@ def _reference_stats(extractor, shards: Path, manifest: dict, kid_real: int, dis
     total = torch.zeros(d, dtype=torch.float64, device=dist.device)
     outer = torch.zeros(d, d, dtype=torch.float64, device=dist.device)
     kept = []                                    # (first global index, features) of the first kid_real images
+    store = Store(shards)
     for i in range(dist.rank, len(chunks), dist.world):
         name, chunk = chunks[i]
-        with open(shards / name, "rb") as f:
-            images, _ = read_chunk(f, chunk, shape)
+        images, _ = read_chunk(store, name, chunk, shape)
         x = torch.from_numpy(images).permute(0, 3, 1, 2)
         feats = torch.cat([_features(extractor, x[j:j + batch], dist.device) for j in range(0, len(x), batch)])
         f64 = feats.double()

@@ -1,0 +1,159 @@
+"""Where shards live: a local folder, or object storage / HTTP through fsspec (s3://, gs://, http(s)://).
+
+Everything the loader, the trainer and the evaluator read goes through a Store: the manifest (one small file),
+shard sizes (pre-flight), and byte ranges of chunks (the manifest's offsets), so the epoch plan, equal batches
+and exact resume are the same for every kind of storage. Remote reads are stateless range requests
+(``fs.cat_file(path, start, end)``), safe to run from many threads at once, retried with exponential backoff;
+a shard that stays unreachable is an error naming its URL, never a hang (fsspec's own timeouts bound each try).
+
+Credentials come from each back end's usual places (AWS_* variables or ~/.aws for s3fs, Google's default
+credentials for gcsfs); a URL with a user or password in it is refused, so none can reach config.toml, logs
+or W&B through ``data.shards``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from ..errors import UserError
+
+log = logging.getLogger("dcgan_dist")
+REMOTE = ("s3", "gs", "gcs", "http", "https")
+
+
+def is_remote(root) -> bool:
+    return isinstance(root, str) and "://" in root and root.split("://", 1)[0] in REMOTE
+
+
+def _really_missing(e: FileNotFoundError) -> bool:
+    """fsspec's HTTP back end reports any failure of HEAD/GET, a refused connection included, as
+    FileNotFoundError with the real error as its cause: only a 404 (or no cause) means "missing"."""
+    cause = e.__cause__
+    return cause is None or isinstance(cause, FileNotFoundError) or getattr(cause, "status", None) == 404
+
+
+class Store:
+    def __init__(self, root, retries: int = 4, backoff: float = 0.25) -> None:
+        self.root = str(root).rstrip("/") if is_remote(root) else Path(root)
+        self.remote = is_remote(root)
+        self.retries, self.backoff = retries, backoff
+        self._fs, self._fs_pid = None, 0
+        self._fds: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        if self.remote:
+            parts = urlsplit(self.root)
+            if parts.username or parts.password:
+                raise UserError(f"data.shards: {parts.scheme}://{parts.hostname}/...: credentials in the URL would be "
+                                f"written to config.toml, logs and W&B; remove them and use the storage's usual "
+                                f"credentials (environment variables or its config file)")
+        elif "://" in str(root):
+            raise UserError(f"data.shards = {str(root)[:60]!r}: unknown scheme; use a folder or an "
+                            f"{', '.join(s + '://' for s in REMOTE)} URL")
+
+    def url(self, name: str) -> str:
+        return f"{self.root}/{name}" if self.remote else str(self.root / name)
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    # ------------------------------------------------------------------------------------------ remote
+    @property
+    def fs(self):
+        # One file system per process, never fsspec's shared instance: a forked loader worker must not use the
+        # parent's event loop or its pooled connections (sharing a keep-alive socket across processes mixes up
+        # their responses: seen as a parent waiting forever after its workers had read).
+        if self._fs is None or self._fs_pid != os.getpid():
+            import fsspec
+            try:
+                self._fs = fsspec.filesystem(self.root.split("://", 1)[0], skip_instance_cache=True)
+            except ImportError as e:
+                raise UserError(f"data.shards = {self.root}: {e}; install the remote extra: "
+                                f"pip install -e \".[remote]\"") from None
+            self._fs_pid = os.getpid()
+        return self._fs
+
+    def __getstate__(self):            # DataLoader workers get a copy without open handles or clients
+        return {**self.__dict__, "_fs": None, "_fds": OrderedDict(), "_lock": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _retry(self, what: str, name: str, fn, missing_ok: bool = False):
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except FileNotFoundError as e:
+                if _really_missing(e):
+                    if missing_ok:
+                        raise
+                    raise UserError(f"{self.url(name)}: FileNotFoundError while {what}") from None
+                if attempt == self.retries:
+                    cause = e.__cause__
+                    raise UserError(f"{self.url(name)}: unreachable after {self.retries + 1} tries while {what} "
+                                    f"({type(cause).__name__}: {str(cause)[:160]})") from None
+                self._wait(attempt, what, name, e.__cause__)
+            except PermissionError as e:
+                raise UserError(f"{self.url(name)}: {type(e).__name__} while {what}") from None
+            except Exception as e:  # noqa: BLE001 - network errors come in many types (aiohttp, botocore, OSError)
+                if attempt == self.retries:
+                    raise UserError(f"{self.url(name)}: unreachable after {self.retries + 1} tries while {what} "
+                                    f"({type(e).__name__}: {str(e)[:160]})") from None
+                self._wait(attempt, what, name, e)
+
+    def _wait(self, attempt: int, what: str, name: str, error) -> None:
+        delay = self.backoff * 2 ** attempt
+        log.warning("%s: %s (%s); retrying in %.2f s", self.url(name), what, type(error).__name__, delay)
+        time.sleep(delay)
+
+    # ------------------------------------------------------------------------------------------ reading
+    def exists(self, name: str) -> bool:
+        if not self.remote:
+            return (self.root / name).is_file()
+        try:            # info, not fs.exists: that one answers False for an unreachable server too
+            self._retry("checking it exists", name, lambda: self.fs.info(self.url(name)), missing_ok=True)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def read_bytes(self, name: str) -> bytes:
+        if not self.remote:
+            return (self.root / name).read_bytes()
+        return self._retry("reading it", name, lambda: self.fs.cat_file(self.url(name)))
+
+    def size(self, name: str) -> int:
+        if not self.remote:
+            return (self.root / name).stat().st_size
+        return int(self._retry("asking its size", name, lambda: self.fs.size(self.url(name))))
+
+    def read_range(self, name: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of a shard. Thread-safe (pread locally, stateless range requests remotely)."""
+        if not self.remote:
+            return os.pread(self._fd(name), end - start, start)
+        return self._retry(f"reading bytes {start}-{end}", name,
+                           lambda: self.fs.cat_file(self.url(name), start=start, end=end))
+
+    def open(self, name: str):
+        """A whole shard as a file object (sequential tools: read_shards)."""
+        return open(self.root / name, "rb") if not self.remote else self.fs.open(self.url(name), "rb")
+
+    def _fd(self, name: str) -> int:
+        with self._lock:
+            fd = self._fds.pop(name, None)
+            if fd is None:
+                fd = os.open(self.root / name, os.O_RDONLY)
+            self._fds[name] = fd
+            if len(self._fds) > 32:                       # bound open files per process
+                os.close(self._fds.popitem(last=False)[1])
+            return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
