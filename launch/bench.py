@@ -69,6 +69,8 @@ def cmd_data(a) -> None:
     print(f"torch {torch.__version__}, batch {a.batch_size}, {a.batches} batches timed")
     if a.shards:
         _report_loader(a.shards, a)
+        if a.http is not None:
+            _report_http(a.shards, a)
         return
     from dcgan_dist.data.prepare import PrepareOptions, prepare
     from dcgan_dist.data.sources import LsunSource
@@ -87,6 +89,22 @@ def cmd_data(a) -> None:
         print(f"converter, 1 worker, 256-px WebP -> {a.resolution} px: {m['_stats']['images_per_s']:,.0f} img/s")
         per_worker = _report_loader(out, a)
         print(f"shard loader / classic path: {per_worker / classic:.0f}x")
+        if a.http is not None:
+            _report_http(out, a)
+
+
+def _report_http(shards: Path, a) -> None:
+    """The same shards served over HTTP from this machine (range requests), with and without added latency."""
+    from dcgan_dist.data.synthetic import serve_http
+
+    for ms in sorted({0, a.http}):
+        url, server = serve_http(shards, latency=ms / 1000)
+        try:
+            rate = bench_loader(url, a.batch_size, a.batches, workers=1)
+        finally:
+            server.shutdown()
+        print(f"shard loader over HTTP, {ms} ms added per request, 1 worker process: {rate:,.0f} img/s "
+              f"({server.requests} requests)")
 
 
 def _report_loader(shards: Path, a) -> float:
@@ -269,6 +287,8 @@ def main(argv=None) -> int:
     d.add_argument("--resolution", type=int, default=64)
     d.add_argument("--batch-size", type=int, default=128)
     d.add_argument("--batches", type=int, default=300)
+    d.add_argument("--http", type=int, metavar="MS", help="also serve the shards over HTTP here (range requests) "
+                                                          "and time the loader with 0 and MS ms added per request")
     t = sub.add_parser("train", help="training step throughput")
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--steps", type=int, default=5)

@@ -50,7 +50,7 @@ class _ShardStream(IterableDataset):
         self.store = store
         self.check = check
         self.concurrency = concurrency          # chunk reads in flight per worker (remote shards)
-        self._pool = None
+        self._pool = self._prefetcher = self._ahead = None
         self.shape = (manifest["resolution"], manifest["resolution"], manifest["channels"])
         self.chunks = [(s["name"], c) for s in manifest["shards"] for c in s["chunks"]]
         self.sizes = np.array([c["n"] for _, c in self.chunks], dtype=np.int64)
@@ -80,7 +80,7 @@ class _ShardStream(IterableDataset):
             t = i // self.W                               # batch index within the slot
             w, b = divmod(t, self.window_batches)
             if (epoch, w) != cached_key:
-                window, corrupt = self._load_window(epoch, self.rank * self.W + j, w)
+                window, corrupt = self._window(epoch, self.rank * self.W + j, w)
                 cached_key = (epoch, w)
             # Ship up to `group` consecutive batches of this slot at once (one contiguous slice of the
             # window): IPC costs per message, and one batch per message caps a worker near 20k img/s.
@@ -90,6 +90,26 @@ class _ShardStream(IterableDataset):
             yield x, y, g, corrupt
             corrupt = 0
             g += n * self.W
+
+    def _window(self, epoch: int, slot: int, w: int):
+        """The window, and for remote shards the next one fetched in the background meanwhile (a window is a
+        pure function of its key, so prefetching changes no batch): a worker then waits for one round trip per
+        window at most once, instead of once per window."""
+        if not self.store.remote:
+            return self._load_window(epoch, slot, w)
+        ahead = self._ahead
+        window = ahead[1].result() if ahead is not None and ahead[0] == (epoch, slot, w) else \
+            self._load_window(epoch, slot, w)
+        windows = -(-self.batches_per_slot // self.window_batches)
+        nxt = (epoch, slot, w + 1) if w + 1 < windows else (epoch + 1, slot, 0)
+        self._ahead = (nxt, self._background().submit(self._load_window, *nxt))
+        return window
+
+    def _background(self):
+        if self._prefetcher is None or self._prefetcher[0] != os.getpid():
+            from concurrent.futures import ThreadPoolExecutor
+            self._prefetcher = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="window-prefetch"))
+        return self._prefetcher[1]
 
     def _load_window(self, epoch: int, slot: int, w: int):
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.chunks))
@@ -151,8 +171,8 @@ class _ShardStream(IterableDataset):
                             self.store.url(name), chunk["n"], e)
             return None
 
-    def __getstate__(self):                # a worker gets its own thread pool
-        return {**self.__dict__, "_pool": None}
+    def __getstate__(self):                # a worker gets its own threads
+        return {**self.__dict__, "_pool": None, "_prefetcher": None, "_ahead": None}
 
 
 def check_fills(root, num_images: int, batch_size: int, world_size: int, num_workers: int) -> None:
