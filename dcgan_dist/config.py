@@ -29,6 +29,8 @@ class DataConfig:
     workers: int = 2                     # loader worker processes per rank (0: in the main process)
     shuffle_window: int = 4096           # images shuffled together (see dcgan_dist/data/loader.py)
     verify: str = "size"                 # shard check before training: size | sha256 | none
+    cache_dir: str = ""                  # remote shards (s3/gs/http): keep fetched chunks here ("": no cache)
+    cache_gb: float = 20.0               # ... up to this size, least recently used out first
 
 
 @dataclass
@@ -254,7 +256,7 @@ def validate(cfg: Config) -> None:
         if not 0 <= flat[key] <= 1:
             raise UserError(f"{key} = {flat[key]!r}: must be between 0 and 1")
     for key in ("data.workers", "train.max_epochs", "loss.instance_noise", "loss.instance_noise_steps",
-                "checkpoint.milestone_every", "train.seed", "eval.every", "eval.seed"):
+                "checkpoint.milestone_every", "train.seed", "eval.every", "eval.seed", "data.cache_gb"):
         if flat[key] < 0:
             raise UserError(f"{key} = {flat[key]!r}: must be >= 0")
     for tracker in cfg.log.trackers:

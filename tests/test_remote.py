@@ -127,3 +127,21 @@ def test_training_on_s3_writes_no_credential_anywhere(tiny, tmp_path, s3, cli):
     files = [f for f in run.rglob("*") if f.is_file()]
     assert len(files) > 20 and any("wandb" in str(f) for f in files)
     assert not [f for f in files if SECRET.encode() in f.read_bytes()]
+
+
+def test_the_local_cache_serves_later_epochs_and_stays_within_its_size(shards, tmp_path):
+    url, server = serve_http(shards)
+    try:
+        first = batches(url, 16, num_workers=0, cache_dir=str(tmp_path / "cache"), cache_gb=1.0)
+        fetched = server.requests
+        again = batches(url, 16, num_workers=2, cache_dir=str(tmp_path / "cache"), cache_gb=1.0)
+        assert again[:16] == batches(shards, 16, num_workers=2) and first == batches(shards, 16, num_workers=0)
+        assert server.requests - fetched <= 12          # the manifest and sizes again, no chunk range
+        (folder,) = (tmp_path / "cache").iterdir()      # one folder per shard set (its fingerprint)
+        assert len(list(folder.iterdir())) == 16        # the 16 chunks, one file each
+        small = tmp_path / "small"
+        batches(url, 16, num_workers=0, cache_dir=str(small), cache_gb=200_000 / 1e9)
+        (folder,) = small.iterdir()
+        assert sum(f.stat().st_size for f in folder.iterdir()) <= 200_000 + 50_000    # ~4 chunks of 49 KB
+    finally:
+        server.shutdown()

@@ -81,7 +81,9 @@ def reference(tiny, tmp_path_factory):
     return final_weights(runs / "tiny")
 
 
-@pytest.mark.parametrize("kill_after", [3, 12, 27])
+# the kill at step 12 (mid-run, after a checkpoint) runs by default; the others with -m slow
+@pytest.mark.parametrize("kill_after", [pytest.param(3, marks=pytest.mark.slow), 12,
+                                        pytest.param(27, marks=pytest.mark.slow)])
 def test_kill_9_then_resume_matches_the_uninterrupted_run(tiny, reference, tmp_path, kill_after):
     cmd = launch_cmd(tiny, f'runs_dir="{tmp_path}"', *RESUMABLE)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())

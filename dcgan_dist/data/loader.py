@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import UserError
-from .shards import load_manifest, read_chunk
+from .shards import fingerprint, load_manifest, read_chunk
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -196,13 +196,15 @@ class ShardLoader:
                  num_workers: int = 2, seed: int = 0, shuffle_window: int = 4096, start_batch: int = 0,
                  verify: str = "size", resolution: int | None = None, channels: int | None = None,
                  pin_memory: bool = False, prefetch_factor: int = 4, manifest: dict | None = None,
-                 concurrency: int = 16) -> None:
+                 concurrency: int = 16, cache_dir: str = "", cache_gb: float = 0.0) -> None:
         """``root``: a folder or an s3:// gs:// http(s):// URL. ``manifest``: one already returned by
         ``load_manifest`` for this root and these checks (the trainer's pre-flight), so the shards are not
-        verified twice. ``concurrency``: chunk range requests in flight per worker for remote shards."""
+        verified twice. ``concurrency``: chunk range requests in flight per worker for remote shards.
+        ``cache_dir``/``cache_gb``: keep fetched remote chunks on local disk (see store.ChunkCache)."""
         self.store = Store(root)
         self.root = self.store.root
         self.manifest = manifest or load_manifest(root, verify, resolution, channels)
+        self.store.use_cache(cache_dir, cache_gb, fingerprint(self.manifest))
         if batch_size < 1 or num_workers < 0:
             raise UserError(f"batch size must be >= 1 and workers >= 0 (got {batch_size}, {num_workers})")
         self.num_slots = max(1, num_workers)

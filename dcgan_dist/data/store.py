@@ -38,12 +38,67 @@ def _really_missing(e: FileNotFoundError) -> bool:
     return cause is None or isinstance(cause, FileNotFoundError) or getattr(cause, "status", None) == 404
 
 
+class ChunkCache:
+    """Fetched byte ranges of remote shards on local disk, for the epochs after the first: one file per range,
+    written atomically (tmp + rename) so the loader workers and ranks of a node can share the folder, the
+    least recently used deleted once the folder holds more than ``limit`` bytes. Cached bytes go through the
+    same CRC check as fetched ones."""
+
+    def __init__(self, folder: Path, limit: int) -> None:
+        self.folder, self.limit = folder, limit
+        self._written = 0
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, name: str, start: int, end: int) -> Path:
+        return self.folder / f"{name}.{start}-{end}"
+
+    def get(self, name: str, start: int, end: int) -> bytes | None:
+        path = self._path(name, start, end)
+        try:
+            data = path.read_bytes()
+            os.utime(path)                                   # recently used
+        except OSError:
+            return None
+        return data if len(data) == end - start else None
+
+    def put(self, name: str, start: int, end: int, data: bytes) -> None:
+        path = self._path(name, start, end)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError as e:                                 # a full cache disk must not stop training
+            tmp.unlink(missing_ok=True)
+            log.warning("shard cache %s: cannot write (%s); reading from the store", self.folder, e.strerror)
+            return
+        self._written += len(data)
+        if self._written > self.limit // 16:                 # look at the folder now and then, not per write
+            self._written = 0
+            self.evict()
+
+    def evict(self) -> None:
+        entries = []
+        for p in self.folder.iterdir():
+            try:
+                st = p.stat()
+            except FileNotFoundError:                        # another process evicted it
+                continue
+            entries.append((st.st_mtime, st.st_size, p))
+        total = sum(size for _, size, _ in entries)
+        for _, size, p in sorted(entries, key=lambda e: e[0]):
+            if total <= self.limit:
+                break
+            p.unlink(missing_ok=True)
+            total -= size
+
+
 class Store:
     def __init__(self, root, retries: int = 4, backoff: float = 0.25) -> None:
         self.root = str(root).rstrip("/") if is_remote(root) else Path(root)
         self.remote = is_remote(root)
         self.retries, self.backoff = retries, backoff
         self._fs, self._fs_pid = None, 0
+        self.cache: ChunkCache | None = None
         self._fds: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
         if self.remote:
@@ -136,8 +191,20 @@ class Store:
         """Bytes [start, end) of a shard. Thread-safe (pread locally, stateless range requests remotely)."""
         if not self.remote:
             return os.pread(self._fd(name), end - start, start)
-        return self._retry(f"reading bytes {start}-{end}", name,
+        cached = self.cache.get(name, start, end) if self.cache is not None else None
+        if cached is not None:
+            return cached
+        data = self._retry(f"reading bytes {start}-{end}", name,
                            lambda: self.fs.cat_file(self.url(name), start=start, end=end))
+        if self.cache is not None:
+            self.cache.put(name, start, end, data)
+        return data
+
+    def use_cache(self, folder: str, gigabytes: float, key: str) -> None:
+        """Cache fetched ranges under ``folder/<key>`` (``key``: the shard set's fingerprint, so re-created
+        shards at the same URL never meet old bytes), at most ``gigabytes``. Local shards need none."""
+        if self.remote and folder and gigabytes > 0:
+            self.cache = ChunkCache(Path(folder).expanduser() / key, int(gigabytes * 1e9))
 
     def open(self, name: str):
         """A whole shard as a file object (sequential tools: read_shards)."""

@@ -137,7 +137,8 @@ def train(cfg: Config) -> dict:
         loader = ShardLoader(cfg.data.shards, cfg.train.batch_size, acc.process_index, acc.num_processes,
                              cfg.data.workers, cfg.train.seed, cfg.data.shuffle_window, state.loader_batches,
                              cfg.data.verify, cfg.data.resolution, cfg.data.channels,
-                             pin_memory=acc.device.type == "cuda", manifest=manifest)
+                             pin_memory=acc.device.type == "cuda", manifest=manifest,
+                             cache_dir=cfg.data.cache_dir, cache_gb=cfg.data.cache_gb)
         evaluator = Evaluator(cfg.eval, cfg.data.shards, manifest, Dist.from_accelerator(acc)) \
             if cfg.eval.every else None
         with StopRequest(Path(os.environ.get("DCGAN_DIST_STOP_FILE", cfg.run_dir / "STOP"))) as stop:
