@@ -117,6 +117,10 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:           # an unwritable or full --out: say so in one line, leave no partial folder
+        shutil.rmtree(a.out.with_name(a.out.name + ".tmp"), ignore_errors=True)
+        print(f"error: --out {a.out}: cannot write ({e.strerror or e}: {e.filename or a.out})", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -95,6 +95,9 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:           # an unwritable or full --out / --grid
+        print(f"error: cannot write {e.filename or a.out} ({e.strerror or e})", file=sys.stderr)
+        return 2
     print(f"wrote {a.n} images from {which} to {a.out}" + (f" and a grid to {a.grid}" if a.grid else ""))
     return 0
 

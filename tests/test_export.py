@@ -42,6 +42,14 @@ def test_export_writes_a_folder_that_loads_in_one_line(checkpoint, tmp_path, cli
     assert which == "G_ema" and torch.equal(torch.load(tmp_path / "x.pt"), expected)
     p = cli("export.py", "--checkpoint", checkpoint, "--out", out, check=False)
     assert p.returncode == 2 and "already exists; choose another folder or pass --overwrite" in p.stderr
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for script, args in (("export.py", ["--out", blocker / "x"]),
+                         ("sample.py", ["--out", blocker / "x", "--interpolate", 3])):
+        p = cli(script, "--checkpoint", checkpoint, *args, check=False)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
+        assert p.stderr.startswith("error: ") and str(blocker) in p.stderr
+    assert not (tmp_path / "a-file.tmp").exists()
 
 
 def test_loading_is_strict(checkpoint, tmp_path, cli):
