@@ -66,7 +66,12 @@ def main(argv=None) -> int:
                   ", ".join(f"{i}: {f:.1%}" for i, f in enumerate(result["class_fractions"])))
         print(json.dumps(result))
         if a.json:
-            a.json.write_text(json.dumps(result, indent=1))
+            try:
+                a.json.write_text(json.dumps(result, indent=1))
+            except OSError as e:
+                print(f"error: --json {a.json}: cannot write ({e.strerror or e}); the result is printed above",
+                      file=sys.stderr)
+                return 2
     acc.end_training()
     return 0
 
