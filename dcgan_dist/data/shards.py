@@ -43,11 +43,15 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
 
-def sha256_file(path: Path, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
+        return sha256_stream(f)
+
+
+def sha256_stream(f, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    while chunk := f.read(block):
+        h.update(chunk)
     return h.hexdigest()
 
 
@@ -134,23 +138,18 @@ def load_manifest(root, verify: str = "size", resolution: int | None = None,
         raise UserError(f"verify must be size, sha256 or none, not {verify!r}")
     for shard in manifest["shards"]:
         f = store.url(shard["name"])
-        if not store.exists(shard["name"]):
+        size = store.size(shard["name"])
+        if size is None:
             raise UserError(f"{f}: shard listed in {path} is missing")
-        size = store.size(shard["name"]) if verify != "none" else shard["bytes"]
-        if size != shard["bytes"]:
+        if verify != "none" and size != shard["bytes"]:
             raise UserError(f"{f}: {size} bytes, manifest says {shard['bytes']} "
                             f"(truncated or replaced); re-create the shards")
-        if verify == "sha256" and _sha256_shard(store, shard["name"]) != shard["sha256"]:
-            raise UserError(f"{f}: sha256 differs from the manifest (corrupted); re-create the shards")
+        if verify == "sha256":
+            with store.open(shard["name"]) as stream:
+                digest = sha256_stream(stream)
+            if digest != shard["sha256"]:
+                raise UserError(f"{f}: sha256 differs from the manifest (corrupted); re-create the shards")
     return manifest
-
-
-def _sha256_shard(store: Store, name: str) -> str:
-    h = hashlib.sha256()
-    with store.open(name) as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 # A shard is a plain file name inside the shard folder: no path separators, no "..", no URL scheme

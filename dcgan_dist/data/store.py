@@ -144,48 +144,41 @@ class Store:
         for attempt in range(self.retries + 1):
             try:
                 return fn()
-            except FileNotFoundError as e:
-                if _really_missing(e):
+            except Exception as e:  # noqa: BLE001 - network errors come in many types (aiohttp, botocore, OSError)
+                if isinstance(e, FileNotFoundError) and _really_missing(e):
                     if missing_ok:
                         raise
                     raise UserError(f"{self.url(name)}: FileNotFoundError while {what}") from None
-                if attempt == self.retries:
-                    cause = e.__cause__
-                    raise UserError(f"{self.url(name)}: unreachable after {self.retries + 1} tries while {what} "
-                                    f"({type(cause).__name__}: {str(cause)[:160]})") from None
-                self._wait(attempt, what, name, e.__cause__)
-            except PermissionError as e:
-                raise UserError(f"{self.url(name)}: {type(e).__name__} while {what}") from None
-            except Exception as e:  # noqa: BLE001 - network errors come in many types (aiohttp, botocore, OSError)
+                if isinstance(e, PermissionError):
+                    raise UserError(f"{self.url(name)}: {type(e).__name__} while {what}") from None
+                error = e.__cause__ if isinstance(e, FileNotFoundError) else e      # fsspec http's wrapping
                 if attempt == self.retries:
                     raise UserError(f"{self.url(name)}: unreachable after {self.retries + 1} tries while {what} "
-                                    f"({type(e).__name__}: {str(e)[:160]})") from None
-                self._wait(attempt, what, name, e)
-
-    def _wait(self, attempt: int, what: str, name: str, error) -> None:
-        delay = self.backoff * 2 ** attempt
-        log.warning("%s: %s (%s); retrying in %.2f s", self.url(name), what, type(error).__name__, delay)
-        time.sleep(delay)
+                                    f"({type(error).__name__}: {str(error)[:160]})") from None
+                delay = self.backoff * 2 ** attempt
+                log.warning("%s: %s (%s); retrying in %.2f s", self.url(name), what, type(error).__name__, delay)
+                time.sleep(delay)
 
     # ------------------------------------------------------------------------------------------ reading
-    def exists(self, name: str) -> bool:
+    def size(self, name: str) -> int | None:
+        """The file's size in bytes, or None when it does not exist (one request remotely: ``fs.info``, not
+        ``fs.exists``, which answers False for an unreachable server too)."""
         if not self.remote:
-            return (self.root / name).is_file()
-        try:            # info, not fs.exists: that one answers False for an unreachable server too
-            self._retry("checking it exists", name, lambda: self.fs.info(self.url(name)), missing_ok=True)
+            path = self.root / name
+            return path.stat().st_size if path.is_file() else None
+        try:
+            info = self._retry("asking its size", name, lambda: self.fs.info(self.url(name)), missing_ok=True)
         except FileNotFoundError:
-            return False
-        return True
+            return None
+        return int(info["size"])
+
+    def exists(self, name: str) -> bool:
+        return self.size(name) is not None
 
     def read_bytes(self, name: str) -> bytes:
         if not self.remote:
             return (self.root / name).read_bytes()
         return self._retry("reading it", name, lambda: self.fs.cat_file(self.url(name)))
-
-    def size(self, name: str) -> int:
-        if not self.remote:
-            return (self.root / name).stat().st_size
-        return int(self._retry("asking its size", name, lambda: self.fs.size(self.url(name))))
 
     def read_range(self, name: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of a shard. Thread-safe (pread locally, stateless range requests remotely)."""
@@ -219,8 +212,3 @@ class Store:
             if len(self._fds) > 32:                       # bound open files per process
                 os.close(self._fds.popitem(last=False)[1])
             return fd
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
