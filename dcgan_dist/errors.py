@@ -25,3 +25,9 @@ def disk_error(e: OSError, writing: str, hint: str = "free space and run the sam
     if e.errno not in DISK_ERRORS:
         return None
     return UserError(f"{DISK_ERRORS[e.errno]} while writing {writing} ({e.strerror}); {hint}")
+
+
+def brief(e: BaseException, limit: int | None = None) -> str:
+    """An exception's first line (at most ``limit`` characters), for one-line error messages."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else ""

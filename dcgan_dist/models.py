@@ -98,7 +98,7 @@ def load_generator(checkpoint: Path, device: str = "cpu", raw: bool = False) -> 
     from safetensors.torch import load_file
 
     from .config import load_config
-    from .errors import UserError
+    from .errors import UserError, brief
 
     checkpoint = Path(checkpoint)
     if not (checkpoint / "model.safetensors").is_file() or not (checkpoint / "config.toml").is_file():
@@ -116,5 +116,5 @@ def load_generator(checkpoint: Path, device: str = "cpu", raw: bool = False) -> 
         g.load_state_dict(weights)
     except RuntimeError as e:
         raise UserError(f"{checkpoint}: weights do not fit the generator its config.toml describes "
-                        f"({str(e).splitlines()[0][:160]})") from None
+                        f"({brief(e, 160)})") from None
     return g.to(device).eval(), which, cfg

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
-from dcgan_dist.errors import UserError
+from dcgan_dist.errors import UserError, brief
 from dcgan_dist.models import load_generator
 
 CARD = """---
@@ -133,8 +133,7 @@ def push(folder: Path, repo: str, private: bool) -> None:
         api.create_repo(repo, private=private, exist_ok=True)
         api.upload_folder(repo_id=repo, folder_path=str(folder), commit_message="dcgan_dist export")
     except Exception as e:  # noqa: BLE001 - network, auth and HTTP errors come in many types
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise UserError(f"--push-to-hub {repo}: upload failed ({type(e).__name__}: {first}); the exported folder "
+        raise UserError(f"--push-to-hub {repo}: upload failed ({type(e).__name__}: {brief(e, 200)}); the exported folder "
                         f"{folder} is complete: upload it later with `hf upload {repo} {folder}`") from None
 
 

@@ -102,14 +102,18 @@ class _ShardStream(IterableDataset):
             self._load_window(epoch, slot, w)
         windows = -(-self.batches_per_slot // self.window_batches)
         nxt = (epoch, slot, w + 1) if w + 1 < windows else (epoch + 1, slot, 0)
-        self._ahead = (nxt, self._background().submit(self._load_window, *nxt))
+        self._ahead = (nxt, self._threads("_prefetcher", 1).submit(self._load_window, *nxt))
         return window
 
-    def _background(self):
-        if self._prefetcher is None or self._prefetcher[0] != os.getpid():
+    def _threads(self, attr: str, n: int):
+        """The thread pool kept in ``attr``, created on first use in this process (a forked worker starts its own:
+        the parent's threads do not exist in it)."""
+        pool = getattr(self, attr)
+        if pool is None or pool[0] != os.getpid():
             from concurrent.futures import ThreadPoolExecutor
-            self._prefetcher = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="window-prefetch"))
-        return self._prefetcher[1]
+            pool = (os.getpid(), ThreadPoolExecutor(n, thread_name_prefix=attr.strip("_")))
+            setattr(self, attr, pool)
+        return pool[1]
 
     def _load_window(self, epoch: int, slot: int, w: int):
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.chunks))
@@ -155,10 +159,7 @@ class _ShardStream(IterableDataset):
         about one round trip rather than one per chunk."""
         if not self.store.remote or len(indices) < 2:
             return [self._read(i) for i in indices]
-        if self._pool is None or self._pool[0] != os.getpid():      # a forked worker starts its own threads
-            from concurrent.futures import ThreadPoolExecutor
-            self._pool = (os.getpid(), ThreadPoolExecutor(self.concurrency, thread_name_prefix="shard-read"))
-        return list(self._pool[1].map(self._read, indices))
+        return list(self._threads("_pool", self.concurrency).map(self._read, indices))
 
     def _read(self, index: int):
         name, chunk = self.chunks[index]

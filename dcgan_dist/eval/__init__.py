@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from pathlib import Path
 
@@ -12,8 +11,6 @@ from torch import nn
 
 from .features import DigitClassifier, build_extractor, cache_dir
 from .metrics import Dist, fid_kid, generated_features, reference
-
-log = logging.getLogger("dcgan_dist")
 
 __all__ = ["Dist", "Evaluator"]
 

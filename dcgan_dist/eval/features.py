@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..data.shards import fingerprint, sha256_file
-from ..errors import UserError
+from ..errors import UserError, brief
 
 log = logging.getLogger("dcgan_dist")
 
@@ -60,7 +60,7 @@ class InceptionFeatures(nn.Module):
                                           feature_extractor_weights_path=str(weights), antialias=False)
         except RuntimeError as e:
             raise UserError(f"eval.inception_weights: {weights} does not fit Inception-v3 "
-                            f"({str(e).splitlines()[0][:120]}); use {INCEPTION_URL}") from None
+                            f"({brief(e, 120)}); use {INCEPTION_URL}") from None
         self.key = f"inception-{sha256_file(weights)[:12]}"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

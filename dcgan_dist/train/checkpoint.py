@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..data.shards import sha256_file
+from ..data.shards import sha256_file, write_json_atomic
 from ..errors import UserError, disk_error
 from ..models import EMA_FILE
 from ..runtime import injected_fault
@@ -125,10 +125,8 @@ def save(acc, nets, state: TrainState, root: Path, config_toml: str, keep: int, 
 
 def write_best(root: Path, state: TrainState) -> None:
     """checkpoints/best.json: which checkpoint has the lowest FID so far."""
-    best = {"step": state.best_step, "fid": state.best_fid, "checkpoint": str(root / f"step_{state.best_step:08d}")}
-    tmp = root / "best.json.tmp"
-    tmp.write_text(json.dumps(best, indent=1))
-    os.replace(tmp, root / "best.json")
+    write_json_atomic(root / "best.json", {"step": state.best_step, "fid": state.best_fid,
+                                           "checkpoint": str(root / f"step_{state.best_step:08d}")})
 
 
 def verify(path: Path) -> None:

@@ -31,8 +31,8 @@ from .checkpoint import TrainState
 from .rundir import RunLock, compare, preflight, roll_back
 from .ema import EMA
 from .step import Nets, d_only_step, gan_step, make_scalers, mean_bn_stats
-from .tracking import (MetricsFile, check_trackers, log_image, sample_grid, save_grid, start_trackers, trackers,
-                       wandb_mode, write_gif)
+from .tracking import (MetricsFile, check_trackers, log_image, run_wandb_mode, sample_grid, save_grid,
+                       start_trackers, trackers, write_gif)
 
 log = logging.getLogger("dcgan_dist")
 
@@ -41,12 +41,13 @@ def describe(cfg: Config) -> str:
     """What --dry-run prints: resolved config, data summary, parameter counts."""
     m = preflight(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     g, d = build_models(cfg)
+    wandb = run_wandb_mode(cfg.log)                  # once: it may wait for W&B to answer
     return (f"{to_toml(cfg)}\n# data: {cfg.data.shards}: {m['num_images']} images, {m['resolution']} px, "
             f"{m['channels']} ch, {len(m['shards'])} shards, source {m.get('source')}, "
             f"classes {m.get('class_names')}\n"
             f"# generator: {count_parameters(g):,} parameters; discriminator: {count_parameters(d):,} parameters\n"
-            f"# trackers: {', '.join(trackers(cfg.log, wandb_mode(cfg.log.wandb))) or 'none'} (W&B mode "
-            f"{wandb_mode(cfg.log.wandb) if 'wandb' in cfg.log.trackers else 'disabled'}, log.wandb = {cfg.log.wandb!r})\n")
+            f"# trackers: {', '.join(trackers(cfg.log, wandb)) or 'none'} (W&B mode {wandb}, "
+            f"log.wandb = {cfg.log.wandb!r})\n")
 
 
 def _accelerator(cfg: Config, wandb: str) -> Accelerator:
@@ -118,8 +119,7 @@ def train(cfg: Config) -> dict:
     manifest = preflight(cfg, world)
     main = int(os.environ.get("RANK", 0)) == 0
     check_trackers(cfg.log)
-    # may wait PROBE_TIMEOUT_S for W&B to answer
-    wandb = wandb_mode(cfg.log.wandb, main) if "wandb" in cfg.log.trackers else "disabled"
+    wandb = run_wandb_mode(cfg.log, main)            # may wait PROBE_TIMEOUT_S for W&B to answer
     lock = RunLock(cfg.run_dir) if main else None
     loader = None
     try:
@@ -219,7 +219,6 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
           wandb: str, evaluator: Evaluator | None):
     main, run_dir = acc.is_main_process, cfg.run_dir
     ckpt_root = run_dir / "checkpoints"
-    mode = wandb
     start_trackers(acc, cfg, state, wandb)
     metrics = MetricsFile(run_dir / "metrics.jsonl", keep_until=state.step) if main else None
     bar = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not (main and cfg.log.progress_bar),
@@ -276,7 +275,7 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
             sums, steps_since, t_last = {}, 0, time.perf_counter()
 
         if main and (state.step % cfg.log.sample_every == 0 or last):
-            _log_grids(acc, cfg, nets, state, unwrapped_g, mode)
+            _log_grids(acc, cfg, nets, state, unwrapped_g, wandb)
 
         if evaluator is not None and (state.step % cfg.eval.every == 0 or (last and not stopped_by)):
             will_save |= _evaluate(acc, nets, state, evaluator, unwrapped_g, metrics)
@@ -288,14 +287,14 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
     bar.close()
 
     summary = {"step": state.step, "epoch": loader.epoch, "skipped_d": state.skipped_d,
-               "skipped_g": state.skipped_g, "run_dir": str(run_dir), "wandb_mode": mode,
+               "skipped_g": state.skipped_g, "run_dir": str(run_dir), "wandb_mode": wandb,
                "num_processes": acc.num_processes, "rank": acc.process_index, "main": main,
                "stopped_by": stopped_by, "models": _models(acc, nets)}
     if main:
         stop.stop_file.unlink(missing_ok=True)
         write_gif(run_dir / "samples")
         offline_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
-        if mode == "offline" and offline_runs:
+        if wandb == "offline" and offline_runs:
             summary["sync_command"] = f"wandb sync {offline_runs[-1]}"
     acc.end_training()
     return summary

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 import torch
 from torchvision.utils import make_grid, save_image
 
-from ..errors import UserError
+from ..errors import UserError, brief
 
 log = logging.getLogger("dcgan_dist")
 
@@ -93,6 +93,12 @@ def wandb_mode(mode: str, main: bool = True, timeout: float = PROBE_TIMEOUT_S) -
     return "online"
 
 
+def run_wandb_mode(log_cfg, main: bool = True) -> str:
+    """The W&B mode of a run: ``wandb_mode(log.wandb)`` (which may wait for W&B to answer), or "disabled" when
+    W&B is not among ``log.trackers``."""
+    return wandb_mode(log_cfg.wandb, main) if "wandb" in log_cfg.trackers else "disabled"
+
+
 def trackers(log_cfg, wandb: str) -> list[str]:
     """The Accelerate trackers of a run: ``log.trackers``, less W&B when its mode is "disabled"."""
     return [t for t in log_cfg.trackers if t != "wandb" or wandb != "disabled"]
@@ -124,8 +130,7 @@ def start_trackers(acc, cfg, state, wandb: str) -> None:
     except Exception as e:  # noqa: BLE001 - wandb raises its own types (CommError, UsageError, AuthenticationError)
         if not type(e).__module__.startswith("wandb"):
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"W&B could not start in {wandb} mode ({type(e).__name__}: {first}); fix it or set "
+        raise UserError(f"W&B could not start in {wandb} mode ({type(e).__name__}: {brief(e)}); fix it or set "
                         f'log.wandb = "offline" (upload later with wandb sync) or "disabled"') from None
     if acc.is_main_process:
         if "wandb" in names:
