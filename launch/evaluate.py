@@ -57,6 +57,7 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    code = 0
     if acc.is_main_process:
         print(f"FID {result['fid']:.4f}  KID {result['kid']:.6f} +- {result['kid_std']:.6f}  ({which}, "
               f"{result['n_fake']} generated vs {result['n_real']} real images, features {result['features']}, "
@@ -71,9 +72,12 @@ def main(argv=None) -> int:
             except OSError as e:
                 print(f"error: --json {a.json}: cannot write ({e.strerror or e}); the result is printed above",
                       file=sys.stderr)
-                return 2
+                code = 2
+    # every rank leaves the process group together (a rank that exited while rank 0 was still writing was seen
+    # once, under load, aborting in gloo at interpreter exit: "terminate called without an active exception")
+    acc.wait_for_everyone()
     acc.end_training()
-    return 0
+    return code
 
 
 if __name__ == "__main__":
