@@ -390,8 +390,15 @@ def test_rerunning_a_finished_run_says_so_and_touches_nothing(tiny, tmp_path, cl
     args = ["--config", tiny, "--set", f'runs_dir="{tmp_path}"', "--set", 'log.wandb="offline"']
     cli("train.py", *args, env={"WANDB_MODE": "offline"})
     run = tmp_path / "tiny"
-    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    def mtimes():
+        # wandb's detached core service of the first run can still append to its own debug logs after that
+        # run's process exited (seen in CI 1.3 s later); those are W&B's logs, not files this project writes
+        return {p: p.stat().st_mtime_ns for p in run.rglob("*")
+                if p.is_file() and p.name != ".lock" and not (p.name.startswith("debug") and p.suffix == ".log")}
+
+    before = mtimes()
     p = cli("train.py", *args, env={"WANDB_MODE": "offline"})
     assert p.stdout.strip().splitlines()[-1].startswith("already complete: step 6 reached train.max_steps")
-    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    assert mtimes() == before and len(before) >= 20
     assert len(list((run / "wandb").glob("offline-run-*"))) == 1          # no empty second W&B segment
