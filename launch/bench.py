@@ -32,7 +32,7 @@ def bench_loader(shards: Path, batch_size: int, batches: int, workers: int, veri
 
     loader = ShardLoader(shards, batch_size=batch_size, num_workers=workers, seed=0, verify=verify)
     it = iter(loader)
-    for _ in range(min(20, batches // 5)):  # warm up: worker start, page cache
+    for _ in range(min(100, batches // 5)):  # warm up: worker start, page cache, the first prefetched windows
         next(it)
     t0 = time.perf_counter()
     n = 0
@@ -67,10 +67,15 @@ def bench_classic(lmdb_path: Path, resolution: int, n: int) -> float:
 def cmd_data(a) -> None:
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, batch {a.batch_size}, {a.batches} batches timed")
+    if a.random_images:
+        from dcgan_dist.data.synthetic import write_indexed_shards
+        with tempfile.TemporaryDirectory() as tmp:
+            write_indexed_shards(Path(tmp), a.random_images, resolution=a.resolution, shard_size=8192,
+                                 chunk_size=256)
+            _report_shards(Path(tmp), a)
+        return
     if a.shards:
-        _report_loader(a.shards, a)
-        if a.http is not None:
-            _report_http(a.shards, a)
+        _report_shards(a.shards, a)
         return
     from dcgan_dist.data.prepare import PrepareOptions, prepare
     from dcgan_dist.data.sources import LsunSource
@@ -93,18 +98,39 @@ def cmd_data(a) -> None:
             _report_http(out, a)
 
 
+SERVER = """
+import sys, time
+from pathlib import Path
+from dcgan_dist.data.synthetic import serve_http
+url, server = serve_http(Path(sys.argv[1]), latency=float(sys.argv[2]))
+print(url, flush=True)
+sys.stdin.read()                                   # until the benchmark closes the pipe
+print(server.requests, flush=True)
+"""
+
+
+def _report_shards(shards: Path, a) -> None:
+    _report_loader(shards, a)
+    if a.http is not None:
+        _report_http(shards, a)
+
+
 def _report_http(shards: Path, a) -> None:
-    """The same shards served over HTTP from this machine (range requests), with and without added latency."""
-    from dcgan_dist.data.synthetic import serve_http
+    """The same shards served over HTTP from this machine (range requests), with and without added latency.
+    The server runs in a process of its own, as object storage would: in the benchmark's process it would
+    compete for the GIL with the thread that receives the worker's batches."""
+    import subprocess
 
     for ms in sorted({0, a.http}):
-        url, server = serve_http(shards, latency=ms / 1000)
+        server = subprocess.Popen([sys.executable, "-c", SERVER, str(shards), str(ms / 1000)], text=True,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         try:
-            rate = bench_loader(url, a.batch_size, a.batches, workers=1)
+            rate = bench_loader(server.stdout.readline().strip(), a.batch_size, a.batches, workers=1)
+            requests = server.communicate("", timeout=30)[0].strip()
         finally:
-            server.shutdown()
-        print(f"shard loader over HTTP, {ms} ms added per request, 1 worker process: {rate:,.0f} img/s "
-              f"({server.requests} requests)")
+            server.kill()
+        print(f"shard loader over HTTP (server in its own process), {ms} ms added per request, 1 worker "
+              f"process: {rate:,.0f} img/s ({requests} requests)")
 
 
 def _report_loader(shards: Path, a) -> float:
@@ -283,6 +309,8 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("data", help="loader / converter throughput")
     d.add_argument("--shards", type=Path)
+    d.add_argument("--random-images", type=int, metavar="N", help="time the loader on N random images in "
+                   "shards of 8,192 (chunks of 256), made in a temporary folder, instead of converting LSUN")
     d.add_argument("--synthetic-lsun", type=int, default=2000, help="images in the synthetic lmdb")
     d.add_argument("--resolution", type=int, default=64)
     d.add_argument("--batch-size", type=int, default=128)

@@ -205,3 +205,34 @@ def test_a_script_that_exits_with_a_live_loader_does_not_hang(tmp_path):
             "raise SystemExit(7)")
     p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], timeout=60, capture_output=True)
     assert p.returncode == 7
+
+
+@pytest.mark.parametrize("array", [np.arange(7 * 4 * 4 * 3, dtype=np.uint8).reshape(7, 4, 4, 3),
+                                   np.arange(5, dtype=np.int64), np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+                                   np.zeros((0, 2, 2, 1), dtype=np.uint8)])
+def test_npy_view_reads_what_numpy_wrote_without_copying(array):
+    import io
+
+    from dcgan_dist.data.shards import npy_view
+    buf = io.BytesIO()
+    np.save(buf, array)
+    raw = buf.getvalue()
+    view = npy_view(memoryview(raw))
+    assert view.dtype == array.dtype and view.shape == array.shape and np.array_equal(view, array)
+    assert not view.flags.writeable                                # a view of the fetched bytes, not a copy
+    with pytest.raises(ValueError, match="data bytes" if array.size else None):
+        npy_view(raw[:-1])                                         # truncated data (or, when empty, header)
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="pickles"):
+        npy_view(pickled.getvalue())
+
+
+def test_window_shuffle_is_concatenate_then_permute():
+    from dcgan_dist.data.loader import _ShardStream
+    rng = np.random.default_rng(0)
+    pieces = [(rng.integers(0, 256, (n, 2, 2, 3), dtype=np.uint8), rng.integers(0, 10, n)) for n in (5, 16, 1, 9)]
+    x, y = _ShardStream._shuffled(pieces, np.random.default_rng([4, 1, 2]))
+    perm = np.random.default_rng([4, 1, 2]).permutation(31)
+    assert np.array_equal(x, np.concatenate([p[0] for p in pieces])[perm])
+    assert np.array_equal(y, np.concatenate([p[1] for p in pieces])[perm]) and y.dtype == np.int64

@@ -23,6 +23,7 @@ from worker ``g % W``; on a restart at ``g0`` worker ``k`` serves logical slot `
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import os
 import signal
@@ -135,9 +136,22 @@ class _ShardStream(IterableDataset):
         bad = sum(isinstance(p, int) for p in pieces)
         if bad:
             pieces = self._fill_corrupt(pieces, rng)
-        x, y = np.concatenate([p[0] for p in pieces]), np.concatenate([p[1] for p in pieces])
-        perm = rng.permutation(len(x))
-        return (x[perm], y[perm]), bad
+        return self._shuffled(pieces, rng), bad
+
+    @staticmethod
+    def _shuffled(pieces: list, rng) -> tuple[np.ndarray, np.ndarray]:
+        """``concatenate(pieces)[rng.permutation(n)]`` in one copy instead of two: each piece is scattered
+        straight to its places (``inverse[j]`` is where image j of the concatenation goes)."""
+        n = sum(len(x) for x, _ in pieces)
+        inverse = np.empty(n, dtype=np.int64)
+        inverse[rng.permutation(n)] = np.arange(n)
+        x = np.empty((n, *pieces[0][0].shape[1:]), dtype=pieces[0][0].dtype)
+        y = np.empty(n, dtype=np.int64)
+        at = 0
+        for px, py in pieces:
+            x[inverse[at:at + len(px)]], y[inverse[at:at + len(px)]] = px, py
+            at += len(px)
+        return x, y
 
     def _fill_corrupt(self, pieces: list, rng) -> list:
         """Keep the batch count exact: a corrupt chunk's places are filled with repeats from the window."""
@@ -251,6 +265,11 @@ class ShardLoader:
     def __iter__(self):
         B, W = self.stream.B, self.num_slots
         pending: dict = {}                 # batch index -> batch, to restore the global order
+        # Collect the parent's cyclic garbage before the workers fork: an fsspec client in it would otherwise be
+        # collected in a worker, where its finalizer (close_session) waits for the parent's event loop, whose
+        # thread does not exist there, for 1 s (fsspec polls its 0.1 s timeout once a second): a 1 s stall of
+        # every read in flight, seen in the HTTP benchmark at the worker's second window.
+        gc.collect()
         self._it = iter(self._dl)
         for x, y, g, corrupt in self._it:
             self.corrupt_chunks += corrupt

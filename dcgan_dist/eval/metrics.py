@@ -95,7 +95,7 @@ def _reference_stats(extractor, shards: Path, manifest: dict, kid_real: int, dis
     for i in range(dist.rank, len(chunks), dist.world):
         name, chunk = chunks[i]
         images, _ = read_chunk(store, name, chunk, shape)
-        x = torch.from_numpy(images).permute(0, 3, 1, 2)
+        x = torch.from_numpy(images.copy()).permute(0, 3, 1, 2)      # read_chunk's arrays are read-only views
         feats = torch.cat([_features(extractor, x[j:j + batch], dist.device) for j in range(0, len(x), batch)])
         f64 = feats.double()
         total += f64.sum(0)
