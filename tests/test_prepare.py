@@ -373,7 +373,7 @@ def test_webdataset_source_is_pixel_exact_counts_corrupt_and_never_unpickles(tmp
 
 
 @pytest.mark.parametrize("pattern, message", [
-    ("pipe:cat {tmp}/wds/shards-000000.tar", "only local paths and http(s) URLs are read"),
+    ("pipe:cat {tmp}/wds/shards-000000.tar", "only local paths and s3://, gs://, gcs://, http://, https:// URLs"),
     ("{tmp}/wds/shards-{{000000..000009}}.tar", "shards-000003.tar: no such shard file"),
 ])
 def test_webdataset_source_refuses_pipes_and_missing_shards(tmp_path, cli, pattern, message):
@@ -381,3 +381,24 @@ def test_webdataset_source_refuses_pipes_and_missing_shards(tmp_path, cli, patte
     p = cli("prepare_data.py", "webdataset", "--input", pattern.format(tmp=tmp_path), "--out", tmp_path / "out",
             check=False)
     assert p.returncode == 2 and message in p.stderr and p.stderr.count("\n") == 1
+
+
+def test_webdataset_source_over_http_is_pixel_exact_retries_and_names_a_missing_shard(tmp_path, cli):
+    from dcgan_dist.data.synthetic import serve_http
+    pixels = _write_wds(tmp_path / "wds", n=10)
+    url, server = serve_http(tmp_path / "wds", fail_first=2)          # the first two range requests get a 503
+    try:
+        p = cli("prepare_data.py", "webdataset", "--input", f"{url}/shards-{{000000..000002}}.tar",
+                "--out", tmp_path / "out", "--resolution", 32, "--workers", 1, "--quiet")
+        assert "wrote 10 images" in p.stdout and server.failures == 2 and "retrying" in p.stderr
+        got = {key: (x, y) for x, y, key in read_shards(tmp_path / "out", with_keys=True)}
+        assert len(got) == 10
+        for i in range(10):
+            x, y = got[f"shards-{i // 4:06d}.tar:{i:05d}"]
+            assert np.array_equal(x, pixels[i]) and y == i % 3
+        p = cli("prepare_data.py", "webdataset", "--input", f"{url}/shards-{{000000..000003}}.tar",
+                "--out", tmp_path / "out2", check=False)
+    finally:
+        server.shutdown()
+    assert p.returncode == 2 and p.stderr.count("\n") == 1
+    assert f"{url}/shards-000003.tar: no such shard" in p.stderr and not (tmp_path / "out2").exists()

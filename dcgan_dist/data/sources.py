@@ -286,10 +286,14 @@ class WebDatasetSource(Source):
     """Existing one-image-per-sample WebDataset shards (img2dataset, ``webdataset.ShardWriter``): a jpg/png/webp
     member per sample, the label from ``cls`` or from a field of the ``json`` member (``label_field``).
 
-    Read through webdataset's own pipeline, but only the image, ``cls`` and ``json`` members are ever looked at
-    and never with webdataset's default decoders (which would unpickle a ``.pkl`` member). Inputs are local
-    paths or http(s) URLs, with webdataset's brace patterns (``shards-{000000..000099}.tar``); ``pipe:`` and
-    other schemes are refused. A first pass reads the labels (the count, and the class names: the sorted
+    Read with webdataset's own tar iterator and sample grouping (``tar_file_expander``, ``group_by_keys``), as
+    ``read_shards`` reads ours, but only the image, ``cls`` and ``json`` members are ever looked at, and never
+    with webdataset's default decoders (which would unpickle a ``.pkl`` member). Inputs are local paths or
+    http(s)/s3/gs URLs, with webdataset's brace patterns (``shards-{000000..000099}.tar``). URLs are opened
+    through the same Store as remote training shards (fsspec; retries with backoff, credentials from the
+    environment, a one-line error naming the URL), not through webdataset's ``gopen``, which runs ``curl`` in a
+    subprocess (30 retries 2 s apart on a flaky server, and its errors are the curl command line); ``pipe:``
+    and other schemes are refused. A first pass reads the labels (the count, and the class names: the sorted
     distinct values); the second yields the image bytes, decoded by the converter's workers.
     """
 
@@ -299,13 +303,18 @@ class WebDatasetSource(Source):
     def __init__(self, pattern: str, label_field: str | None = None) -> None:
         from braceexpand import braceexpand
 
+        from .store import REMOTE, Store
+
         urls = list(braceexpand(pattern))
         for url in urls:
             scheme = url.split("://", 1)[0] if "://" in url else ""
-            if scheme not in ("", "http", "https") or url.startswith("pipe:"):
-                raise UserError(f"--input {url}: only local paths and http(s) URLs are read (not {scheme or url[:5]!r})")
+            if scheme not in ("", *REMOTE) or url.startswith("pipe:"):
+                raise UserError(f"--input {url}: only local paths and {', '.join(s + '://' for s in REMOTE)} "
+                                f"URLs are read (not {scheme or url[:5]!r})")
             if not scheme and not Path(url).is_file():
                 raise UserError(f"--input: {url}: no such shard file")
+            if scheme and not Store(url.rsplit("/", 1)[0]).exists(url.rsplit("/", 1)[1]):
+                raise UserError(f"--input: {url}: no such shard (the server answered 'not found')")
         self.urls, self.label_field = urls, label_field
         raw = [label for _, _, label in self._samples(with_image=False)]
         if any(v is None for v in raw):
@@ -326,35 +335,50 @@ class WebDatasetSource(Source):
         for (key, image, _), y in zip(self._samples(with_image=True), self.targets):
             yield Item(key, image if image is not None else b"", int(y))
 
+    @staticmethod
+    def _open(url: str):
+        from .store import Store
+
+        if "://" not in url:
+            return open(url, "rb")
+        root, name = url.rsplit("/", 1)
+        return Store(root).open(name)
+
     def _samples(self, with_image: bool):
         """(key, image bytes or None, raw label or None) per sample, in shard order."""
-        import json
-
-        import webdataset as wds
+        from webdataset.tariterators import group_by_keys, tar_file_expander
 
         wanted = set(WDS_IMAGE_EXTS) | {"cls", "json"}
-        ds = wds.WebDataset(self.urls, shardshuffle=False, empty_check=False,
-                            select_files=lambda name: name.rsplit(".", 1)[-1].lower() in wanted)
+        select = lambda name: name.rsplit(".", 1)[-1].lower() in wanted     # noqa: E731
+        for url in self.urls:
+            try:
+                with self._open(url) as stream:
+                    for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}],
+                                                                  select_files=select)):
+                        key = f"{url.rsplit('/', 1)[-1]}:{sample['__key__']}"
+                        image = next((sample[k] for k in sample if k.lower() in WDS_IMAGE_EXTS), None) \
+                            if with_image else None
+                        yield key, image, self._label(sample)
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a damaged tar or a dropped connection, from many libraries
+                raise UserError(f"--input {url}: cannot read ({type(e).__name__}: {str(e)[:200]}); "
+                                f"the conversion resumes where it stopped when run again") from None
+
+    def _label(self, sample: dict):
+        """The raw label (int or str), or None when the sample has none."""
+        import json
+
         try:
-            for sample in ds:
-                key = f"{Path(sample['__url__']).name}:{sample['__key__']}"
-                label = None
-                try:
-                    if self.label_field:
-                        label = json.loads(sample["json"])[self.label_field]
-                    elif "cls" in sample:
-                        label = int(sample["cls"].decode().strip())
-                except (KeyError, ValueError, TypeError, UnicodeDecodeError):
-                    label = None
-                if label is not None and not isinstance(label, (int, str)):
-                    label = str(label)
-                image = next((sample[k] for k in sample if k.lower() in WDS_IMAGE_EXTS), None) if with_image else None
-                yield key, image, label
-        except UserError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a damaged tar or an unreachable URL, from inside webdataset
-            raise UserError(f"--input {self.urls[0] if len(self.urls) == 1 else 'shards'}: cannot read "
-                            f"({type(e).__name__}: {str(e)[:200]})") from None
+            if self.label_field:
+                label = json.loads(sample["json"])[self.label_field]
+            elif "cls" in sample:
+                label = int(sample["cls"].decode().strip())
+            else:
+                return None
+        except (KeyError, ValueError, TypeError, UnicodeDecodeError):
+            return None
+        return label if isinstance(label, (int, str)) else str(label)
 
 
 # -------------------------------------------------------------------------------------------- helpers

@@ -13,6 +13,7 @@ or W&B through ``data.shards``.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import threading
@@ -200,8 +201,14 @@ class Store:
             self.cache = ChunkCache(Path(folder).expanduser() / key, int(gigabytes * 1e9))
 
     def open(self, name: str):
-        """A whole shard as a file object (sequential tools: read_shards)."""
-        return open(self.root / name, "rb") if not self.remote else self.fs.open(self.url(name), "rb")
+        """A whole shard as a file object for sequential reading (read_shards, the webdataset source). Remotely,
+        reads of 8 MiB ranges, each retried like every other read; fsspec's own file object would not retry."""
+        if not self.remote:
+            return open(self.root / name, "rb")
+        size = self.size(name)
+        if size is None:
+            raise UserError(f"{self.url(name)}: not found")
+        return io.BufferedReader(_RangeReader(self, name, size), buffer_size=8 << 20)
 
     def _fd(self, name: str) -> int:
         with self._lock:
@@ -212,3 +219,22 @@ class Store:
             if len(self._fds) > 32:                       # bound open files per process
                 os.close(self._fds.popitem(last=False)[1])
             return fd
+
+
+class _RangeReader(io.RawIOBase):
+    """A remote file read front to back through Store.read_range (see Store.open)."""
+
+    def __init__(self, store: Store, name: str, size: int) -> None:
+        self.store, self.name, self.size, self.pos = store, name, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self.size - self.pos)
+        if n <= 0:
+            return 0
+        data = self.store.read_range(self.name, self.pos, self.pos + n)
+        buffer[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
