@@ -265,12 +265,17 @@ class ShardLoader:
     def __iter__(self):
         B, W = self.stream.B, self.num_slots
         pending: dict = {}                 # batch index -> batch, to restore the global order
-        # Collect the parent's cyclic garbage before the workers fork: an fsspec client in it would otherwise be
-        # collected in a worker, where its finalizer (close_session) waits for the parent's event loop, whose
+        # The workers fork with every object of this process frozen (gc.freeze, as the gc docs advise before a
+        # fork): a worker never collects the parent's garbage. An fsspec client in the parent's cyclic garbage
+        # collected in a worker ran its finalizer (close_session), which waits for the parent's event loop, whose
         # thread does not exist there, for 1 s (fsspec polls its 0.1 s timeout once a second): a 1 s stall of
-        # every read in flight, seen in the HTTP benchmark at the worker's second window.
-        gc.collect()
-        self._it = iter(self._dl)
+        # every read in flight, seen in the HTTP benchmark at the worker's second window. (gc.collect() before
+        # the fork fixed it too but cost 0.1 s per loader.)
+        gc.freeze()
+        try:
+            self._it = iter(self._dl)
+        finally:
+            gc.unfreeze()
         for x, y, g, corrupt in self._it:
             self.corrupt_chunks += corrupt
             for i in range(len(x) // B):
