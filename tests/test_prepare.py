@@ -374,6 +374,8 @@ def test_webdataset_source_is_pixel_exact_counts_corrupt_and_never_unpickles(tmp
 
 @pytest.mark.parametrize("pattern, message", [
     ("pipe:cat {tmp}/wds/shards-000000.tar", "only local paths and s3://, gs://, gcs://, http://, https:// URLs"),
+    ("https://user:hunter2@example.org/shards-{{000000..000001}}.tar",
+     "--input: https://example.org/...: credentials in the URL would be written to manifests"),
     ("{tmp}/wds/shards-{{000000..000009}}.tar", "shards-000003.tar: no such shard file"),
 ])
 def test_webdataset_source_refuses_pipes_and_missing_shards(tmp_path, cli, pattern, message):

@@ -313,7 +313,7 @@ class WebDatasetSource(Source):
                                 f"URLs are read (not {scheme or url[:5]!r})")
             if not scheme and not Path(url).is_file():
                 raise UserError(f"--input: {url}: no such shard file")
-            if scheme and not Store(url.rsplit("/", 1)[0]).exists(url.rsplit("/", 1)[1]):
+            if scheme and not Store(url.rsplit("/", 1)[0], what="--input").exists(url.rsplit("/", 1)[1]):
                 raise UserError(f"--input: {url}: no such shard (the server answered 'not found')")
         self.urls, self.label_field = urls, label_field
         raw = [label for _, _, label in self._samples(with_image=False)]
@@ -342,7 +342,7 @@ class WebDatasetSource(Source):
         if "://" not in url:
             return open(url, "rb")
         root, name = url.rsplit("/", 1)
-        return Store(root).open(name)
+        return Store(root, what="--input").open(name)
 
     def _samples(self, with_image: bool):
         """(key, image bytes or None, raw label or None) per sample, in shard order."""

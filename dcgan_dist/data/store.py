@@ -94,7 +94,8 @@ class ChunkCache:
 
 
 class Store:
-    def __init__(self, root, retries: int = 4, backoff: float = 0.25) -> None:
+    def __init__(self, root, retries: int = 4, backoff: float = 0.25, what: str = "data.shards") -> None:
+        """``what``: the setting or option the root came from, for error messages."""
         self.root = str(root).rstrip("/") if is_remote(root) else Path(root)
         self.remote = is_remote(root)
         self.retries, self.backoff = retries, backoff
@@ -105,11 +106,11 @@ class Store:
         if self.remote:
             parts = urlsplit(self.root)
             if parts.username or parts.password:
-                raise UserError(f"data.shards: {parts.scheme}://{parts.hostname}/...: credentials in the URL would be "
-                                f"written to config.toml, logs and W&B; remove them and use the storage's usual "
-                                f"credentials (environment variables or its config file)")
+                raise UserError(f"{what}: {parts.scheme}://{parts.hostname}/...: credentials in the URL would be "
+                                f"written to manifests, config.toml, logs and W&B; remove them and use the "
+                                f"storage's usual credentials (environment variables or its config file)")
         elif "://" in str(root):
-            raise UserError(f"data.shards = {str(root)[:60]!r}: unknown scheme; use a folder or an "
+            raise UserError(f"{what} = {str(root)[:60]!r}: unknown scheme; use a folder or an "
                             f"{', '.join(s + '://' for s in REMOTE)} URL")
 
     def url(self, name: str) -> str:
