@@ -92,10 +92,8 @@ def cmd_data(a) -> None:
         m = prepare(LsunSource(lmdb_path), out, PrepareOptions("lsun", str(lmdb_path), resolution=a.resolution),
                     workers=1, progress=False)
         print(f"converter, 1 worker, 256-px WebP -> {a.resolution} px: {m['_stats']['images_per_s']:,.0f} img/s")
-        per_worker = _report_loader(out, a)
+        per_worker = _report_shards(out, a)
         print(f"shard loader / classic path: {per_worker / classic:.0f}x")
-        if a.http is not None:
-            _report_http(out, a)
 
 
 SERVER = """
@@ -109,10 +107,12 @@ print(server.requests, flush=True)
 """
 
 
-def _report_shards(shards: Path, a) -> None:
-    _report_loader(shards, a)
+def _report_shards(shards: Path, a) -> float:
+    """The loader's figures on these shards (and over HTTP with --http); returns one local worker's img/s."""
+    per_worker = _report_loader(shards, a)
     if a.http is not None:
         _report_http(shards, a)
+    return per_worker
 
 
 def _report_http(shards: Path, a) -> None:

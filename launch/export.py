@@ -88,6 +88,7 @@ def main(argv=None) -> int:
     p.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this Hugging Face Hub repo")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     a = p.parse_args(argv)
+    tmp = a.out.with_name(a.out.name + ".tmp")          # written whole, then renamed to --out
     try:
         g, which, cfg = load_generator(a.checkpoint, "cpu", a.raw)
         if a.out.exists() and not a.overwrite:
@@ -95,7 +96,6 @@ def main(argv=None) -> int:
         state = json.loads((a.checkpoint / "train_state.json").read_text()) \
             if (a.checkpoint / "train_state.json").is_file() else {}
         step = int(state.get("step", 0))
-        tmp = a.out.with_name(a.out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         g.save_pretrained(tmp)
         with torch.no_grad():
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:           # an unwritable or full --out: say so in one line, leave no partial folder
-        shutil.rmtree(a.out.with_name(a.out.name + ".tmp"), ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         print(f"error: --out {a.out}: cannot write ({e.strerror or e}: {e.filename or a.out})", file=sys.stderr)
         return 2
     return 0

@@ -14,7 +14,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("source", choices=SOURCES)
     p.add_argument("--input", help="archive, folder or lmdb of the source (not for digits); for webdataset, "
-                                   "shard paths or http(s) URLs with braces: 'shards-{000000..000099}.tar'")
+                                   "shard paths or http(s)/s3/gs URLs with braces: 'shards-{000000..000099}.tar'")
     p.add_argument("--label-field", help="webdataset: take the label from this field of each sample's .json "
                                          "(default: the .cls member)")
     p.add_argument("--out", type=Path, required=True, help="output folder for shards + manifest.json")

@@ -303,7 +303,7 @@ class WebDatasetSource(Source):
     def __init__(self, pattern: str, label_field: str | None = None) -> None:
         from braceexpand import braceexpand
 
-        from .store import REMOTE, Store
+        from .store import REMOTE
 
         urls = list(braceexpand(pattern))
         for url in urls:
@@ -313,8 +313,10 @@ class WebDatasetSource(Source):
                                 f"URLs are read (not {scheme or url[:5]!r})")
             if not scheme and not Path(url).is_file():
                 raise UserError(f"--input: {url}: no such shard file")
-            if scheme and not Store(url.rsplit("/", 1)[0], what="--input").exists(url.rsplit("/", 1)[1]):
-                raise UserError(f"--input: {url}: no such shard (the server answered 'not found')")
+            if scheme:
+                store, name = self._remote(url)
+                if not store.exists(name):
+                    raise UserError(f"--input: {url}: no such shard (the server answered 'not found')")
         self.urls, self.label_field = urls, label_field
         raw = [label for _, _, label in self._samples(with_image=False)]
         if any(v is None for v in raw):
@@ -336,13 +338,19 @@ class WebDatasetSource(Source):
             yield Item(key, image if image is not None else b"", int(y))
 
     @staticmethod
-    def _open(url: str):
+    def _remote(url: str):
+        """The Store of a shard URL's folder, and the shard's name in it."""
         from .store import Store
 
+        root, name = url.rsplit("/", 1)
+        return Store(root, what="--input"), name
+
+    @classmethod
+    def _open(cls, url: str):
         if "://" not in url:
             return open(url, "rb")
-        root, name = url.rsplit("/", 1)
-        return Store(root, what="--input").open(name)
+        store, name = cls._remote(url)
+        return store.open(name)
 
     def _samples(self, with_image: bool):
         """(key, image bytes or None, raw label or None) per sample, in shard order."""

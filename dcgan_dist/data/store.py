@@ -98,7 +98,7 @@ class Store:
         """``what``: the setting or option the root came from, for error messages."""
         self.root = str(root).rstrip("/") if is_remote(root) else Path(root)
         self.remote = is_remote(root)
-        self.retries, self.backoff = retries, backoff
+        self.retries, self.backoff, self.what = retries, backoff, what
         self._fs, self._fs_pid = None, 0
         self.cache: ChunkCache | None = None
         self._fds: OrderedDict = OrderedDict()
@@ -130,7 +130,7 @@ class Store:
             try:
                 self._fs = fsspec.filesystem(self.root.split("://", 1)[0], skip_instance_cache=True)
             except ImportError as e:
-                raise UserError(f"data.shards = {self.root}: {e}; install the remote extra: "
+                raise UserError(f"{self.what} = {self.root}: {e}; install the remote extra: "
                                 f"pip install -e \".[remote]\"") from None
             self._fs_pid = os.getpid()
         return self._fs
