@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 from .errors import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USER_ERROR  # noqa: F401 - re-exported
 
@@ -76,10 +77,75 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         os.kill(os.getpid(), sig)
 
 
+class LauncherGone(RuntimeError):
+    """This rank's launcher died (killed, or its node's supervisor was): the rank stops after the step in
+    progress, without a checkpoint, so that no rank outlives its launcher by more than one step."""
+
+
+class StopRequest:
+    """A request to checkpoint and stop: SIGUSR1, SIGTERM or SIGINT to this process, or a STOP file (what the
+    SLURM scripts write when the batch shell gets its warning signal). A second SIGINT (Ctrl-C twice) stops at
+    once: KeyboardInterrupt, no checkpoint.
+
+    ``launch/train.py`` installs the process's one instance, ``STOP``, in its first lines, so that a request
+    that arrives during start-up (imports, resume, W&B, the evaluator's caches) is kept, not fatal; the trainer
+    honours it at its next check. Under a launcher it also tells whether the launcher is gone (``orphaned``).
+    """
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signalled: str | None = None          # the first stop signal's name
+        self.stop_file: Path | None = None
+        self.parent: int | None = None             # the launcher's pid, under a launcher
+        self._old: dict = {}
+
+    def install(self) -> bool:
+        """Handle the stop signals from now on; False when they already were (nothing changed)."""
+        if self._old:
+            return False
+        self.signalled = None
+        for sig in self.SIGNALS:
+            self._old[sig] = signal.signal(sig, self._handle)
+        if "LOCAL_RANK" in os.environ:
+            self.parent = os.getppid()
+        return True
+
+    def uninstall(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old = {}
+
+    def ignore(self) -> None:
+        """Ignore the stop signals from now on: for a process that is ending anyway. Python's finalisation
+        resets a Python-level handler to the default (death by the signal), but keeps SIG_IGN; a stop signal
+        during the exit would make the launcher report a crash and skip its exit barrier with the other nodes."""
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signalled == "SIGINT":
+            raise KeyboardInterrupt
+        self.signalled = self.signalled or signal.Signals(signum).name
+
+    def reason(self) -> str | None:
+        """"signal", "STOP file" or None: what this process knows (the ranks agree through an all-reduce)."""
+        if self.signalled:
+            return "signal"
+        return "STOP file" if self.stop_file is not None and self.stop_file.exists() else None
+
+    def orphaned(self) -> bool:
+        """True when this rank's launcher has died (the rank was re-parented): it must not train on."""
+        return self.parent is not None and os.getppid() != self.parent
+
+
+STOP = StopRequest()
+
+
 def injected_fault(rank: int) -> tuple[str, int] | None:
     """DCGAN_DIST_FAULT=KIND@STEP[@RANK] (tests): ``(kind, step)`` when it applies to this rank, else None.
     Kinds: ``nan`` (that batch becomes NaN), ``raise`` (the step raises), ``enospc`` (the checkpoint at STEP
-    fails as on a full disk)."""
+    fails as on a full disk), ``slow`` (every step takes STEP milliseconds longer: a slow GPU or fp16 on a CPU)."""
     kind, *rest = os.environ.get("DCGAN_DIST_FAULT", "").split("@")
     if kind and rest and (len(rest) < 2 or int(rest[1]) == rank):
         return kind, int(rest[0])

@@ -5,26 +5,41 @@ For a clean one-line outcome and a meaningful exit code under a launcher, use la
 checkpoint (run again to continue; 0 under a launcher, whose wrapper reads the outcome file), 1 crash.
 """
 
-import argparse
-import logging
-import os
-import sys
+from dcgan_dist.runtime import STOP  # noqa: I001 - first: a stop signal during the imports below is kept
 
-from dcgan_dist.config import load_config
-from dcgan_dist.errors import TrainingDiverged, UserError, disk_error
-from dcgan_dist.runtime import (EXIT_DIVERGED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER_ERROR,
-                                die_with_parent, outcome_recorded, record_outcome)
+STOP.install()
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from dcgan_dist.config import load_config  # noqa: E402
+from dcgan_dist.errors import TrainingDiverged, UserError, disk_error  # noqa: E402
+from dcgan_dist.runtime import (EXIT_DIVERGED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED,  # noqa: E402
+                                EXIT_USER_ERROR, LauncherGone, die_with_parent, outcome_recorded, record_outcome)
 
 UNDER_LAUNCHER = "LOCAL_RANK" in os.environ
+MAIN = int(os.environ.get("RANK", 0)) == 0
 
 
-def finish(code: int, message: str) -> int:
-    """Record the outcome (the first rank to do so prints it), return the exit code for this process."""
-    if record_outcome(code, message):
+def finish(code: int, message: str, quiet: bool | None = None) -> int:
+    """Record the outcome in this node's outcome file and return this process's exit code. Who prints the
+    message: the first rank to record it (an error), or, for an outcome every rank shares, the ranks that are
+    not ``quiet`` (rank 0)."""
+    first = record_outcome(code, message)
+    if (first if quiet is None else not quiet):
         print(message, file=sys.stdout if code in (0, EXIT_PREEMPTED) else sys.stderr, flush=True)
     if code == EXIT_PREEMPTED and UNDER_LAUNCHER:
         return 0          # torchrun reports any non-zero exit as a crash; the outcome file says "stopped"
     return code
+
+
+def launcher_gone(e: Exception | None = None) -> int:
+    message = str(e) if isinstance(e, LauncherGone) else (
+        f"rank {os.environ.get('RANK')}: the launcher (pid {STOP.parent}) is gone; stopped without a checkpoint; "
+        f"run the same command again to resume from the newest one")
+    return finish(EXIT_FAILED, f"error: {message}")
 
 
 def main(argv=None) -> int:
@@ -36,7 +51,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if UNDER_LAUNCHER:
-        die_with_parent()                     # no rank outlives its launcher
+        die_with_parent()                     # the launcher's death is a stop request; see also STOP.orphaned
     try:
         cfg = load_config(a.config, a.set)
         if a.dry_run:
@@ -45,6 +60,8 @@ def main(argv=None) -> int:
             return 0
         from dcgan_dist.train import train
         summary = train(cfg)
+    except LauncherGone as e:
+        return launcher_gone(e)
     except TrainingDiverged as e:
         return finish(EXIT_DIVERGED, f"error: {e}")
     except UserError as e:
@@ -57,25 +74,30 @@ def main(argv=None) -> int:
         if err is None:
             raise
         return finish(EXIT_USER_ERROR, f"error: {err}")
-    except Exception as e:  # noqa: BLE001 - a crash: keep the traceback, unless it follows another rank's failure
+    except Exception as e:  # noqa: BLE001 - a crash: keep the traceback, unless it follows another failure
+        if STOP.orphaned():                   # a peer left the collective because our launcher died
+            return launcher_gone()
         if UNDER_LAUNCHER and outcome_recorded():
             print(f"rank {os.environ.get('RANK')}: stopped because another rank failed ({type(e).__name__})",
                   file=sys.stderr)
             return EXIT_FAILED
         record_outcome(EXIT_FAILED, f"error: crashed with {type(e).__name__}: {e} (traceback above)")
         raise
-    if not summary["main"]:
-        return 0                              # rank 0 reports for everyone
+    quiet = not summary["main"]               # rank 0 reports; every rank records (one outcome file per node)
     if summary["stopped_by"]:
-        return finish(EXIT_PREEMPTED, f"stopped by {summary['stopped_by']} at step {summary['step']} after a "
-                                      f"checkpoint; run the same command again to continue")
+        when = (f"during start-up, before step {summary['step'] + 1} (nothing new to checkpoint)"
+                if summary.get("during_startup") else f"at step {summary['step']} after a checkpoint")
+        return finish(EXIT_PREEMPTED, f"stopped by {summary['stopped_by']} {when}; run the same command again "
+                                      f"to continue", quiet)
     if summary.get("already_complete"):
         return finish(0, f"already complete: step {summary['step']} reached train.max_steps; nothing to do "
-                         f"(raise train.max_steps to train on), run in {summary['run_dir']}")
-    if summary.get("sync_command"):
+                         f"(raise train.max_steps to train on), run in {summary['run_dir']}", quiet)
+    if summary.get("sync_command") and not quiet:
         print(f"W&B ran offline; upload with: {summary['sync_command']}")
-    return finish(0, f"done: step {summary['step']}, epoch {summary['epoch']}, run in {summary['run_dir']}")
+    return finish(0, f"done: step {summary['step']}, epoch {summary['epoch']}, run in {summary['run_dir']}", quiet)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    STOP.ignore()             # the outcome is recorded: a late stop signal must not kill the exit (see ignore)
+    sys.exit(code)

@@ -245,14 +245,16 @@ def test_resumed_run_continues_the_same_wandb_run(tiny, tmp_path):
     assert ids == {saved["wandb_id"]} and len(saved["wandb_id"]) == 12
 
 
-def test_stop_file_single_process_checkpoints_and_exits_75(tiny, tmp_path, cli):
+def test_stop_file_single_process_exits_75_and_is_removed(tiny, tmp_path, cli):
     (tmp_path / "tiny").mkdir()
-    (tmp_path / "tiny" / "STOP").touch()
+    (tmp_path / "tiny" / "STOP").touch()          # there before the start: honoured before the first step
     p = cli("train.py", "--config", tiny, "--set", f'runs_dir="{tmp_path}"', "--set", "train.sync_every=1",
             check=False)
-    assert p.returncode == 75 and "stopped by STOP file at step 1 after a checkpoint" in p.stdout
-    assert [x.name for x in (tmp_path / "tiny" / "checkpoints").iterdir()] == ["step_00000001"]
+    assert p.returncode == 75 and "stopped by STOP file during start-up, before step 1" in p.stdout
+    assert not list((tmp_path / "tiny").glob("checkpoints/step_*"))
     assert not (tmp_path / "tiny" / "STOP").exists()
+    p = cli("train.py", "--config", tiny, "--set", f'runs_dir="{tmp_path}"', "--set", "train.sync_every=1")
+    assert "done: step 6" in p.stdout
 
 
 def test_slurm_job_exit_code_tells_user_error_divergence_and_passes_overrides_verbatim(tiny, tmp_path):

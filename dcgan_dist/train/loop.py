@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -24,14 +23,14 @@ from ..data import ShardLoader, to_device
 from ..data.shards import fingerprint
 from ..errors import TrainingDiverged, UserError
 from ..eval import Dist, Evaluator
-from ..runtime import injected_fault
+from ..runtime import STOP, LauncherGone, StopRequest, injected_fault
 from ..models import build_models, count_parameters
 from . import checkpoint
 from .checkpoint import TrainState
 from .rundir import RunLock, compare, preflight, roll_back
 from .ema import EMA
 from .step import Nets, d_only_step, gan_step, make_scalers, mean_bn_stats
-from .tracking import (MetricsFile, check_trackers, log_image, run_wandb_mode, sample_grid, save_grid,
+from .tracking import (MetricsFile, Trackers, check_trackers, run_wandb_mode, sample_grid, save_grid,
                        start_trackers, trackers, write_gif)
 
 log = logging.getLogger("dcgan_dist")
@@ -81,40 +80,28 @@ def build(acc: Accelerator, cfg: Config) -> Nets:
     return Nets(G, D, opt_g, opt_d, scaler_g, scaler_d, ema)
 
 
-class StopRequest:
-    """SIGUSR1/SIGTERM/SIGINT to a training process, or a STOP file in the run directory (what the SLURM
-    scripts write when the batch shell gets its warning signal), request a checkpoint and a clean exit.
-    A second SIGINT (Ctrl-C twice) stops at once: KeyboardInterrupt, no checkpoint."""
-
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self, stop_file) -> None:
-        self.stop_file = stop_file
-        self.signalled = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in self.SIGNALS:
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.signalled == "SIGINT":
-            raise KeyboardInterrupt
-        self.signalled = signal.Signals(signum).name
-
-
 def train(cfg: Config) -> dict:
     """Train until max_steps (or max_epochs, or a stop request); returns a summary of the run.
 
     Raises UserError before the process group starts for what can be checked without it (shards, data too
-    small for the world size, a run directory in use), and TrainingDiverged (on every rank, at the same step)
-    when a loss or weight becomes non-finite. The loader's workers are stopped whatever happens.
+    small for the world size, a run directory in use), TrainingDiverged (on every rank, at the same step)
+    when a loss or weight becomes non-finite, and LauncherGone when this rank's launcher died. A stop request
+    (``runtime.STOP``) during start-up ends the run before its first step, with ``stopped_by`` set. The
+    loader's workers are stopped whatever happens.
     """
+    installed = STOP.install()                       # launch/train.py installs it first thing; tests call us
+    STOP.stop_file = Path(os.environ.get("DCGAN_DIST_STOP_FILE", cfg.run_dir / "STOP"))
+    try:
+        summary = _train(cfg, STOP)
+        if summary["main"]:
+            STOP.stop_file.unlink(missing_ok=True)       # honoured: the next run must not stop at once
+        return summary
+    finally:
+        if installed:
+            STOP.uninstall()
+
+
+def _train(cfg: Config, stop: StopRequest) -> dict:
     world = int(os.environ.get("WORLD_SIZE", 1))
     manifest = preflight(cfg, world)
     main = int(os.environ.get("RANK", 0)) == 0
@@ -131,9 +118,10 @@ def train(cfg: Config) -> dict:
         state = _resume(acc, nets, cfg, manifest)
         if state.step >= cfg.train.max_steps:            # finished already: touch nothing, not W&B either
             acc.end_training()
-            return {"step": state.step, "main": acc.is_main_process, "stopped_by": None, "already_complete": True,
-                    "run_dir": str(cfg.run_dir), "num_processes": acc.num_processes, "rank": acc.process_index,
-                    "models": _models(acc, nets)}
+            return _summary(acc, cfg, nets, state, None, already_complete=True)
+        if (reason := _stop_requested(acc, stop)) is not None:     # before the evaluator's (long) caches
+            acc.end_training()
+            return _summary(acc, cfg, nets, state, reason, during_startup=True)
         loader = ShardLoader(cfg.data.shards, cfg.train.batch_size, acc.process_index, acc.num_processes,
                              cfg.data.workers, cfg.train.seed, cfg.data.shuffle_window, state.loader_batches,
                              cfg.data.verify, cfg.data.resolution, cfg.data.channels,
@@ -141,8 +129,7 @@ def train(cfg: Config) -> dict:
                              cache_dir=cfg.data.cache_dir, cache_gb=cfg.data.cache_gb)
         evaluator = Evaluator(cfg.eval, cfg.data.shards, manifest, Dist.from_accelerator(acc)) \
             if cfg.eval.every else None
-        with StopRequest(Path(os.environ.get("DCGAN_DIST_STOP_FILE", cfg.run_dir / "STOP"))) as stop:
-            return _loop(acc, cfg, nets, state, loader, stop, wandb, evaluator)
+        return _loop(acc, cfg, nets, state, loader, stop, wandb, evaluator)
     finally:
         if loader is not None:
             loader.close()
@@ -150,9 +137,19 @@ def train(cfg: Config) -> dict:
             lock.release()
 
 
-def _models(acc: Accelerator, nets: Nets) -> tuple:
-    """(G, D, G_ema or None), unwrapped: what the summary hands to callers (tests, scripts)."""
-    return acc.unwrap_model(nets.G), acc.unwrap_model(nets.D), nets.ema.model if nets.ema is not None else None
+def _summary(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, stopped_by: str | None, **extra) -> dict:
+    """What train() returns on every rank; ``models`` are (G, D, G_ema or None), unwrapped (tests, scripts)."""
+    return {"step": state.step, "skipped_d": state.skipped_d, "skipped_g": state.skipped_g, "run_dir": str(cfg.run_dir),
+            "num_processes": acc.num_processes, "rank": acc.process_index, "main": acc.is_main_process,
+            "stopped_by": stopped_by, "models": (acc.unwrap_model(nets.G), acc.unwrap_model(nets.D),
+                                                 nets.ema.model if nets.ema is not None else None), **extra}
+
+
+def _stop_requested(acc: Accelerator, stop: StopRequest) -> str | None:
+    """Whether any rank was asked to stop (one all-reduce; every rank gets the same answer)."""
+    flags = torch.tensor([stop.signalled is not None, stop.reason() == "STOP file"], device=acc.device)
+    signalled, stop_file = (acc.reduce(flags.float(), "sum") > 0).tolist()
+    return "signal" if signalled else "STOP file" if stop_file else None
 
 
 def _warn_precision(acc: Accelerator, cfg: Config) -> None:
@@ -219,7 +216,11 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
           wandb: str, evaluator: Evaluator | None):
     main, run_dir = acc.is_main_process, cfg.run_dir
     ckpt_root = run_dir / "checkpoints"
-    start_trackers(acc, cfg, state, wandb)
+    tracked = start_trackers(acc, cfg, state, wandb)
+    if (reason := _stop_requested(acc, stop)) is not None:      # asked during start-up: nothing to checkpoint
+        tracked.finish()
+        acc.end_training()
+        return _summary(acc, cfg, nets, state, reason, during_startup=True)
     metrics = MetricsFile(run_dir / "metrics.jsonl", keep_until=state.step) if main else None
     bar = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not (main and cfg.log.progress_bar),
                unit="step", dynamic_ncols=True)
@@ -242,8 +243,14 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
             real = real * float("nan")
         if fault == ("raise", state.step + 1):
             raise RuntimeError(f"injected failure at step {state.step + 1} (DCGAN_DIST_FAULT)")
+        if fault and fault[0] == "slow":
+            time.sleep(fault[1] / 1000)
         out = gan_step(acc, nets, real, cfg, noise_std)
         state.step += 1
+        if stop.orphaned():         # no agreement is possible without the launcher (it holds the rendezvous)
+            raise LauncherGone(f"rank {acc.process_index}: the launcher (pid {stop.parent}) is gone; stopped after "
+                               f"step {state.step} without a checkpoint; run the same command again to resume "
+                               f"from the newest one")
         mean_bn_stats(acc, unwrapped_g)
         if nets.ema is not None:
             nets.ema.update(unwrapped_g, state.step * images_per_step, images_per_step)
@@ -270,15 +277,15 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
             row = _scalars(acc, nets, state, loader, sums, steps_since, time.perf_counter() - t_last, noise_std)
             if main:
                 metrics.write(row)
-                acc.log({k: v for k, v in row.items() if k != "step"}, step=state.step)
+                tracked.log({k: v for k, v in row.items() if k != "step"}, step=state.step)
                 bar.set_postfix(d=f"{row['loss_d']:.3f}", g=f"{row['loss_g']:.3f}", img_s=f"{row['images_per_s']:.0f}")
             sums, steps_since, t_last = {}, 0, time.perf_counter()
 
         if main and (state.step % cfg.log.sample_every == 0 or last):
-            _log_grids(acc, cfg, nets, state, unwrapped_g, wandb)
+            _log_grids(cfg, nets, state, unwrapped_g, tracked)
 
         if evaluator is not None and (state.step % cfg.eval.every == 0 or (last and not stopped_by)):
-            will_save |= _evaluate(acc, nets, state, evaluator, unwrapped_g, metrics)
+            will_save |= _evaluate(nets, state, evaluator, unwrapped_g, metrics, tracked)
             t_last = time.perf_counter()                  # the evaluation is not training time
 
         if will_save:
@@ -286,29 +293,26 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
                             cfg.checkpoint.milestone_every)
     bar.close()
 
-    summary = {"step": state.step, "epoch": loader.epoch, "skipped_d": state.skipped_d,
-               "skipped_g": state.skipped_g, "run_dir": str(run_dir), "wandb_mode": wandb,
-               "num_processes": acc.num_processes, "rank": acc.process_index, "main": main,
-               "stopped_by": stopped_by, "models": _models(acc, nets)}
+    summary = _summary(acc, cfg, nets, state, stopped_by, epoch=loader.epoch, wandb_mode=wandb)
     if main:
-        stop.stop_file.unlink(missing_ok=True)
         write_gif(run_dir / "samples")
         offline_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
         if wandb == "offline" and offline_runs:
             summary["sync_command"] = f"wandb sync {offline_runs[-1]}"
+    tracked.finish()
     acc.end_training()
     return summary
 
 
-def _evaluate(acc: Accelerator, nets: Nets, state: TrainState, evaluator: Evaluator, unwrapped_g,
-              metrics: MetricsFile | None) -> bool:
+def _evaluate(nets: Nets, state: TrainState, evaluator: Evaluator, unwrapped_g, metrics: MetricsFile | None,
+              tracked: Trackers) -> bool:
     """FID/KID of G_ema (G without model.ema) on every rank; rank 0 logs them. True when the FID is the best so
     far: that step is then checkpointed and kept whatever checkpoint.keep says."""
     result = evaluator(nets.ema.model if nets.ema is not None else unwrapped_g)
     row = {"step": state.step, **{k: result[k] for k in ("fid", "kid", "kid_std", "eval_s")}}
     if metrics is not None:
         metrics.write(row)
-        acc.log({k: v for k, v in row.items() if k != "step"}, step=state.step)
+        tracked.log({k: v for k, v in row.items() if k != "step"}, step=state.step)
         log.info("step %d: FID %.3f, KID %.5f (%d images, %.1f s)", state.step, result["fid"], result["kid"],
                  result["n_fake"], result["eval_s"])
     if result["fid"] < state.best_fid:
@@ -317,7 +321,7 @@ def _evaluate(acc: Accelerator, nets: Nets, state: TrainState, evaluator: Evalua
     return False
 
 
-def _log_grids(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, unwrapped_g, mode: str) -> None:
+def _log_grids(cfg: Config, nets: Nets, state: TrainState, unwrapped_g, tracked: Trackers) -> None:
     """The fixed-noise grid of G_ema (of G without model.ema) to samples/ and the trackers; G's own with
     log.raw_grid."""
     grids = {"samples": (nets.ema.model if nets.ema is not None else unwrapped_g, cfg.run_dir / "samples")}
@@ -325,7 +329,7 @@ def _log_grids(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, unw
         grids["samples_raw"] = (unwrapped_g, cfg.run_dir / "samples" / "raw")
     for name, (generator, folder) in grids.items():
         path = save_grid(sample_grid(generator, state.fixed_noise), folder, state.step)
-        log_image(acc, trackers(cfg.log, mode), name, path, state.step)
+        tracked.image(name, path, state.step)
 
 
 def _sync_point(acc, cfg: Config, nets: Nets, state: TrainState, nonfinite: torch.Tensor, stop: StopRequest):
@@ -334,7 +338,7 @@ def _sync_point(acc, cfg: Config, nets: Nets, state: TrainState, nonfinite: torc
     params = [*nets.G.parameters(), *nets.D.parameters()]
     weights_ok = torch.stack([torch.isfinite(p).all() for p in params]).all()   # no host sync per parameter
     flags = torch.stack([nonfinite | ~weights_ok, torch.tensor(stop.signalled is not None, device=acc.device),
-                         torch.tensor(stop.stop_file.exists(), device=acc.device)])
+                         torch.tensor(stop.reason() == "STOP file", device=acc.device)])
     diverged, signalled, stop_file = (acc.reduce(flags.float(), "sum") > 0).tolist()
     if diverged:
         good = checkpoint.complete_checkpoints(cfg.run_dir / "checkpoints")

@@ -113,14 +113,15 @@ def check_trackers(log_cfg) -> None:
                             'run pip install -e ".[tensorboard]" (or pip install tensorboard)') from None
 
 
-def start_trackers(acc, cfg, state, wandb: str) -> None:
-    """Start the run's trackers through Accelerate (rank 0 only). W&B's run id lives in the checkpoint, so a
-    resume continues the same W&B run; TensorBoard writes under <run_dir>/tensorboard/<project>/."""
+def start_trackers(acc, cfg, state, wandb: str) -> "Trackers":
+    """Start the run's trackers through Accelerate (rank 0 only); returns them behind the Trackers guard.
+    W&B's run id lives in the checkpoint, so a resume continues the same W&B run; TensorBoard writes under
+    <run_dir>/tensorboard/<project>/."""
     from ..config import flatten
 
     names = trackers(cfg.log, wandb)
     if not names:
-        return
+        return Trackers(acc)
     if acc.is_main_process and "wandb" in names and not state.wandb_id:
         state.wandb_id = uuid.uuid4().hex[:12]
     kwargs = {"wandb": {"name": cfg.name, "id": state.wandb_id or None, "resume": "allow", "dir": str(cfg.run_dir),
@@ -138,18 +139,65 @@ def start_trackers(acc, cfg, state, wandb: str) -> None:
         if "tensorboard" in names:     # TensorBoard's hparams take flat scalars
             acc.get_tracker("tensorboard").store_init_configuration(
                 {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flatten(cfg.to_dict()).items()})
+    return Trackers(acc)
 
 
-def log_image(acc, names: list[str], name: str, path: Path, step: int) -> None:
-    """A saved grid PNG to each tracker, at ``step`` (rank 0)."""
-    if "wandb" in names:
-        import wandb
-        acc.get_tracker("wandb").log({name: wandb.Image(str(path))}, step=step)
-    if "tensorboard" in names:
-        import numpy as np
-        from PIL import Image
-        image = np.asarray(Image.open(path).convert("RGB"))[None]
-        acc.get_tracker("tensorboard").log_images({name: image}, step=step, dataformats="NHWC")
+class Trackers:
+    """Rank 0's Accelerate trackers behind one guard: a tracker that fails is dropped with one warning that
+    names the step and what the tracker lost, and training goes on (metrics.jsonl and samples/ keep every
+    step). On a cluster this is the usual case, not a corner: SLURM signals every process of a job, and
+    W&B's service process (wandb-core, a Go program that dies of SIGTERM even when its parent ignores it)
+    goes with them; the next ``log`` raises ConnectionResetError. On other ranks there are no trackers."""
+
+    def __init__(self, acc) -> None:
+        self.acc = acc
+        self.last_ok: dict[str, int] = {}
+
+    def log(self, values: dict, step: int) -> None:
+        for t in list(self.acc.trackers):
+            self._call(t, step, t.log, values, step=step)
+
+    def image(self, name: str, path: Path, step: int) -> None:
+        """A saved grid PNG to each tracker, at ``step``."""
+        for t in list(self.acc.trackers):
+            if t.name == "wandb":
+                import wandb
+                self._call(t, step, t.log, {name: wandb.Image(str(path))}, step=step)
+            elif t.name == "tensorboard":
+                import numpy as np
+                from PIL import Image
+                image = np.asarray(Image.open(path).convert("RGB"))[None]
+                self._call(t, step, t.log_images, {name: image}, step=step, dataformats="NHWC")
+
+    def finish(self) -> None:
+        """Finish every tracker that still works (W&B writes its summary and closes its offline file)."""
+        for t in list(self.acc.trackers):
+            self._call(t, None, t.finish)
+        self.acc.trackers.clear()          # Accelerate's end_training would finish them a second time
+
+    def _call(self, tracker, at: int | None, fn, *args, **kwargs) -> None:
+        """``fn(*args, **kwargs)``, a call of ``tracker`` for step ``at`` (None: finishing)."""
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any tracker failure: W&B's ConnectionResetError, a full disk...
+            self._drop(tracker, at, e)
+            return
+        if at is not None:
+            self.last_ok[tracker.name] = at
+
+    def _drop(self, tracker, step: int | None, e: Exception) -> None:
+        self.acc.trackers.remove(tracker)
+        held = self.last_ok.get(tracker.name)
+        log.warning("%s failed %s (%s: %s) and is off for the rest of this run: it holds %s; metrics.jsonl and "
+                    "samples/ hold every step", tracker.name, f"at step {step}" if step is not None else
+                    "while finishing", type(e).__name__, brief(e, 120),
+                    f"steps up to {held}" if held is not None else "no step of this run segment")
+        if tracker.name == "wandb":
+            try:        # close W&B's side now, or its exit hook prints the same failure as a traceback
+                import wandb
+                wandb.teardown()
+            except Exception:  # noqa: BLE001 - the service is gone: nothing more to close
+                pass
 
 
 class MetricsFile:

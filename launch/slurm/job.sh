@@ -1,12 +1,23 @@
 # Sourced by train.sbatch / train_multinode.sbatch; not run directly.
 # One launch/run.py (accelerate launch + the run's outcome as exit code) per node through srun: rendezvous
 # on the job's first host, a port derived from the job id, each node's machine rank evaluated on that node.
-# When SLURM sends the batch shell its warning signal (USR1, from `--signal=B:USR1@SECS`; TERM too), the
-# trainer is told to stop through a STOP file on the shared file system; it agrees a step on all ranks,
-# checkpoints and exits 75; then this script requeues the job, which resumes from that checkpoint by itself.
 #
-# The job's exit code says how the run ended: 0 done, 75 stopped after a checkpoint (requeued when SLURM
-# asked for the stop), 2 user error (one line in the log says what), 3 diverged (NaN guard), 1 crash.
+# How a stop reaches the trainer (every path ends in a checkpoint and exit 75, tested on a real cluster):
+#   - the batch shell's warning signal (`--signal=B:USR1@SECS`, or `scancel --signal=USR1 --batch`): this
+#     script writes a STOP file on the shared file system; the trainer agrees a step on all ranks,
+#     checkpoints and exits 75; then this script requeues the job, which resumes by itself;
+#   - a signal to every process of the job (`scancel --signal=USR1 JOBID`, `--signal=USR1@SECS` without B:):
+#     each node's run.py tells its ranks; exit 75 and requeue as above;
+#   - SIGTERM to every process (`scontrol requeue`, preemption, `scancel`, a time limit without a warning
+#     signal): the same checkpoint and exit 75 within SLURM's KillWait; SLURM itself requeues (or, for a
+#     plain scancel, ends) the job: this script does not requeue it a second time.
+#
+# The job's exit code says how the run ended: 0 done, 75 stopped after a checkpoint, 2 user error (one line
+# in the log says what), 3 diverged (NaN guard), 1 crash.
+#
+# Nodes without GPUs (a CPU partition): GPUS_PER_NODE sets the processes per node (gloo), and the job's
+# requests are overridden on the command line, not edited:
+#   GPUS_PER_NODE=2 sbatch --gpus-per-node=0 --cpus-per-task=4 launch/slurm/train.sbatch CONFIG
 set -uo pipefail
 cd "${SLURM_SUBMIT_DIR:-.}"
 CONFIG=${1:?usage: sbatch launch/slurm/train.sbatch CONFIG [--set key=value ...]}
@@ -14,6 +25,7 @@ shift
 PY=${PYTHON:-python}
 NNODES=${SLURM_NNODES:-1}
 GPUS=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-$("$PY" -c 'import torch; print(max(1, torch.cuda.device_count()))')}}
+[ "$GPUS" -ge 1 ] 2>/dev/null || GPUS=1
 NPROC=$((NNODES * GPUS))
 HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 PORT=$((20000 + SLURM_JOB_ID % 20000))
@@ -22,10 +34,10 @@ rm -f "$DCGAN_DIST_STOP_FILE"
 MULTI=()
 [ "$NPROC" -gt 1 ] && MULTI=(--multi_gpu)
 
-STOPPING=0
+ENDING=0        # SLURM is ending the job itself (SIGTERM): it requeues it, or it was cancelled
 on_signal() {
     echo "dcgan_dist: $1 received: asking the trainer to checkpoint and stop"
-    STOPPING=1
+    [ "$1" = TERM ] && ENDING=1
     touch "$DCGAN_DIST_STOP_FILE"
 }
 trap 'on_signal USR1' USR1
@@ -48,8 +60,10 @@ while kill -0 "$pid" 2>/dev/null; do
     rc=$?
 done
 rm -f "$DCGAN_DIST_STOP_FILE"
-if [ "$STOPPING" = 1 ] && [ "$rc" = 75 ]; then
-    echo "dcgan_dist: checkpointed after the signal; requeueing job $SLURM_JOB_ID"
+if [ "$rc" = 75 ] && [ "$ENDING" = 0 ]; then
+    echo "dcgan_dist: checkpointed after a stop request; requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
+elif [ "$rc" = 75 ]; then
+    echo "dcgan_dist: checkpointed after SIGTERM; SLURM decides whether job $SLURM_JOB_ID is requeued"
 fi
 exit "$rc"
