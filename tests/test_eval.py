@@ -12,10 +12,9 @@ from safetensors import safe_open
 
 from conftest import accelerate_launch, run_cli, ROOT
 from dcgan_dist.config import load_config
-from dcgan_dist.data import load_manifest
 from dcgan_dist.data.synthetic import write_indexed_shards, write_random_inception
 from dcgan_dist.errors import UserError
-from dcgan_dist.eval import Dist, Evaluator
+from dcgan_dist.eval import Dist
 from dcgan_dist.eval.features import DigitClassifier, InceptionFeatures
 from dcgan_dist.eval.metrics import fid_kid, reference
 from dcgan_dist.train import train
@@ -114,15 +113,6 @@ def test_missing_or_unsafe_inception_weights_are_one_line(tmp_path):
     with pytest.raises(UserError, match="is not a PyTorch weights file holding only tensors"):
         InceptionFeatures(tmp_path / "evil.pth")
     assert not (tmp_path / "PWNED").exists()
-
-
-@pytest.fixture(scope="session")
-def classifier_cache(tiny, tmp_path_factory):
-    """The digit classifier for the tiny shards, trained once for the session (~10 s)."""
-    cache = tmp_path_factory.mktemp("eval-cache")
-    cfg = load_config(tiny, [f'eval.cache_dir="{cache}"'])
-    Evaluator(cfg.eval, cfg.data.shards, load_manifest(cfg.data.shards), Dist())
-    return cache
 
 
 def test_the_digit_classifier_is_accurate_and_cached(classifier_cache):

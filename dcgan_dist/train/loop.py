@@ -24,6 +24,7 @@ from ..data import ShardLoader, to_device
 from ..data.shards import fingerprint
 from ..errors import TrainingDiverged, UserError
 from ..eval import Dist, Evaluator
+from ..rng import isolated_rng
 from ..runtime import injected_fault
 from ..models import build_models, count_parameters
 from . import checkpoint
@@ -300,6 +301,7 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
     return summary
 
 
+@isolated_rng()
 def _evaluate(acc: Accelerator, nets: Nets, state: TrainState, evaluator: Evaluator, unwrapped_g,
               metrics: MetricsFile | None) -> bool:
     """FID/KID of G_ema (G without model.ema) on every rank; rank 0 logs them. True when the FID is the best so
@@ -317,6 +319,7 @@ def _evaluate(acc: Accelerator, nets: Nets, state: TrainState, evaluator: Evalua
     return False
 
 
+@isolated_rng()
 def _log_grids(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, unwrapped_g, mode: str) -> None:
     """The fixed-noise grid of G_ema (of G without model.ema) to samples/ and the trackers; G's own with
     log.raw_grid."""
