@@ -175,3 +175,61 @@ def test_missing_inception_weights_stop_training_before_the_first_step(tiny, tmp
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith(
         f"error: eval.inception_weights: {tmp_path}/w.pth does not exist")
     assert not (tmp_path / "tiny" / "checkpoints").exists()
+
+
+def test_a_damaged_cached_reference_is_recomputed_with_a_warning_and_gives_the_same_fid(tiny, tmp_path,
+                                                                                         classifier_cache, caplog):
+    import struct
+    from dcgan_dist.data import load_manifest
+    from dcgan_dist.eval import Evaluator
+    from dcgan_dist.eval.cache import load as cache_load
+    from dcgan_dist.models import build_models
+    cache = tmp_path / "cache"
+    shutil.copytree(classifier_cache, cache)
+    for ref in cache.glob("reference-*"):
+        ref.unlink()
+    cfg = load_config(tiny, [f'eval.cache_dir="{cache}"', "eval.n=64", "eval.batch_size=32",
+                             "eval.kid_subset_size=32", "eval.kid_subsets=2"])
+    torch.manual_seed(0)
+    g, _ = build_models(cfg)
+    before = Evaluator(cfg.eval, cfg.data.shards, load_manifest(cfg.data.shards), Dist())(g)
+    (ref,) = cache.glob("reference-*.safetensors")
+    good = ref.read_bytes()
+    n = struct.unpack("<Q", good[:8])[0]
+    start = 8 + n + json.loads(good[8:8 + n])["sum"]["data_offsets"][0]
+    damaged = bytearray(good)
+    damaged[start + 7] ^= 0x40                                  # an exponent bit of sum[0]: a wild FID if used
+    ref.write_bytes(bytes(damaged))
+    after = Evaluator(cfg.eval, cfg.data.shards, load_manifest(cfg.data.shards), Dist())(g)
+    assert f"evaluation cache file {ref} is damaged (ValueError: differs from its checksum" in caplog.text
+    from safetensors.torch import load as from_bytes
+    again, expected = cache_load(ref)[0], from_bytes(good)
+    assert all(torch.equal(again[k], expected[k]) for k in expected)   # computed again, the same tensors
+    assert after["fid"] == before["fid"] and after["kid"] == before["kid"] and before["fid"] > 0
+
+
+def test_cache_entries_truncated_unchecked_or_altered_are_refused_and_an_unwritable_cache_is_one_line(tmp_path,
+                                                                                                     caplog, cli, tiny):
+    from dcgan_dist.eval import cache
+    path = tmp_path / "c" / "entry.safetensors"
+    tensors = {"a": torch.arange(6.0).view(2, 3), "n": torch.tensor(7)}
+    cache.save(path, tensors, {"extractor": "x"})
+    loaded, meta = cache.load(path)
+    assert torch.equal(loaded["a"], tensors["a"]) and int(loaded["n"]) == 7 and meta == {"extractor": "x"}
+    good = path.read_bytes()
+    for name, blob in (("truncated", good[:-5]), ("renamed tensor", good.replace(b'"a"', b'"b"')),
+                       ("altered metadata", good.replace(b'"x"', b'"y"'))):
+        path.write_bytes(blob)
+        assert cache.load(path) is None, name
+    from safetensors.torch import save_file
+    save_file(tensors, str(path))                               # an entry written before checksums
+    assert cache.load(path) is None
+    assert caplog.text.count(f"evaluation cache file {path} is damaged") == 4
+    assert "no checksum (written by an older version)" in caplog.text
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(UserError, match=rf"eval.cache_dir: {tmp_path / 'file'} is not a writable folder"):
+        cache.check_writable(tmp_path / "file")
+    p = cli("train.py", "--config", tiny, "--set", f'runs_dir="{tmp_path}"', "--set", "eval.every=2",
+            "--set", f'eval.cache_dir="{tmp_path / "file"}"', check=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1
+    assert p.stderr.startswith(f"error: eval.cache_dir: {tmp_path / 'file'} is not a writable folder")

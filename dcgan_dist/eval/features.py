@@ -20,6 +20,7 @@ from torch import nn
 
 from ..data.shards import fingerprint, sha256_file
 from ..errors import UserError, brief
+from . import cache as cached
 
 log = logging.getLogger("dcgan_dist")
 
@@ -97,29 +98,31 @@ CLASSIFIER_RECIPE = {"version": 1, "steps": 500, "batch": 128, "lr": 3e-3, "hold
 
 def classifier(shards: Path, manifest: dict, cache: Path, device: torch.device) -> DigitClassifier:
     """The classifier for these shards: loaded from the cache, or trained on them (labels needed) and cached.
-    Training (500 steps of batch 128) takes ~20 s on a 2-core CPU at 32 px; the held-out accuracy is logged."""
-    from safetensors.torch import load_file, save_file
-
+    Training (500 steps of batch 128) takes ~20 s on a 2-core CPU at 32 px; the held-out accuracy is logged.
+    A damaged cached entry is trained again (with a warning); an unwritable cache is a UserError."""
     from ..data import read_shards
 
-    check_features("classifier", shards, manifest)
+    check_features("classifier", shards, manifest, cache=str(cache))
     classes = manifest["class_names"]
     recipe = json.dumps(CLASSIFIER_RECIPE, sort_keys=True)
     key = "classifier-" + hashlib.sha256(f"{fingerprint(manifest)}|{recipe}".encode()).hexdigest()[:16]
     path = cache / f"{key}.safetensors"
     net = DigitClassifier(manifest["channels"], len(classes))
-    if path.is_file():
-        net.load_state_dict(load_file(path))
-    else:
+    entry = cached.load(path)
+    if entry is not None:
+        try:
+            net.load_state_dict(entry[0])
+        except RuntimeError as e:                 # a sound file of another architecture: train it again
+            log.warning("evaluation cache file %s does not fit the classifier (%s); training it again", path,
+                        brief(e, 200))
+            entry = None
+    if entry is None:
         t0 = time.perf_counter()
         pairs = list(read_shards(shards))
         x = torch.from_numpy(np.stack([p[0] for p in pairs])).permute(0, 3, 1, 2).contiguous()
         y = torch.tensor([p[1] for p in pairs])
         acc = _train_classifier(net, x, y)
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        save_file(net.state_dict(), str(tmp), metadata={"heldout_accuracy": f"{acc:.4f}", "recipe": recipe})
-        os.replace(tmp, path)
+        cached.save(path, net.state_dict(), {"heldout_accuracy": f"{acc:.4f}", "recipe": recipe})
         log.info("trained the FID feature classifier on %d images of %s in %.1f s: held-out accuracy %.3f; "
                  "cached as %s", len(x), shards, time.perf_counter() - t0, acc, path)
     net.key = key
@@ -171,6 +174,7 @@ def check_features(kind: str, shards, manifest: dict, weights: str = "", cache: 
         raise UserError(f"{shards}: eval.features = \"classifier\" needs labelled shards with at least 2 "
                         f"classes (these have {len(manifest.get('class_names') or [])}); use "
                         f"eval.features = \"inception\"")
+    cached.check_writable(cache_dir(cache))
     return kind
 
 
