@@ -233,3 +233,28 @@ def test_cache_entries_truncated_unchecked_or_altered_are_refused_and_an_unwrita
             "--set", f'eval.cache_dir="{tmp_path / "file"}"', check=False)
     assert p.returncode == 2 and p.stderr.count("\n") == 1
     assert p.stderr.startswith(f"error: eval.cache_dir: {tmp_path / 'file'} is not a writable folder")
+
+
+def test_the_digit_classifier_does_not_depend_on_the_thread_count(tiny, tmp_path):
+    """torchrun runs a rank with OMP_NUM_THREADS=1, a plain process with every core: whoever fills the cache
+    first, the classifier (bitwise) is the same. 5 training steps already differ with the thread count."""
+    import os
+    import subprocess
+    import sys
+    from safetensors.torch import load_file
+    shards = load_config(tiny).data.shards
+    code = ("import sys, torch; from pathlib import Path; from dcgan_dist.data import load_manifest; "
+            "from dcgan_dist.eval import features; features.CLASSIFIER_RECIPE['steps'] = 5; "
+            "threads = torch.get_num_threads(); s = Path(sys.argv[1]); "
+            "features.classifier(s, load_manifest(s), Path(sys.argv[2]), torch.device('cpu')); "
+            "print(threads, torch.get_num_threads())")
+    weights = {}
+    for threads in ("1", "2"):
+        p = subprocess.run([sys.executable, "-c", code, str(shards), str(tmp_path / threads)], capture_output=True,
+                           text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": threads}, check=True)
+        assert p.stdout.split() == [threads, threads]               # the process's thread count is restored
+        (f,) = (tmp_path / threads).glob("classifier-*.safetensors")
+        weights[threads] = (f.name, load_file(f))
+    (name1, one), (name2, two) = weights["1"], weights["2"]
+    assert name1 == name2 and one.keys() == two.keys() and len(one) == 9
+    assert all(torch.equal(one[k], two[k]) for k in one)

@@ -93,7 +93,8 @@ class DigitClassifier(nn.Module):
         return self.activations(images) / self.scale
 
 
-CLASSIFIER_RECIPE = {"version": 1, "steps": 500, "batch": 128, "lr": 3e-3, "holdout": 0.1, "seed": 0}
+# in the cache key: version 2 trains on one thread (version 1's weights depended on the thread count)
+CLASSIFIER_RECIPE = {"version": 2, "steps": 500, "batch": 128, "lr": 3e-3, "holdout": 0.1, "seed": 0, "threads": 1}
 
 
 def classifier(shards: Path, manifest: dict, cache: Path, device: torch.device) -> DigitClassifier:
@@ -130,6 +131,19 @@ def classifier(shards: Path, manifest: dict, cache: Path, device: torch.device) 
 
 
 def _train_classifier(net: DigitClassifier, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Train ``net`` (on the CPU) and set its feature scale; returns the held-out accuracy. On one thread,
+    whatever the process has: CPU float results depend on the thread count (reduction order), and torchrun runs
+    each rank with OMP_NUM_THREADS=1 while a plain process uses every core, so the classifier (and every FID
+    measured with it) would depend on which process trained it first."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _fit(net, x, y)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(net: DigitClassifier, x: torch.Tensor, y: torch.Tensor) -> float:
     r = CLASSIFIER_RECIPE
     gen = torch.Generator().manual_seed(r["seed"])
     perm = torch.randperm(len(x), generator=gen)
