@@ -457,3 +457,18 @@ def test_rerunning_a_finished_run_says_so_and_touches_nothing(tiny, tmp_path, cl
     assert p.stdout.strip().splitlines()[-1].startswith("already complete: step 6 reached train.max_steps")
     assert mtimes() == before and len(before) >= 20
     assert len(list((run / "wandb").glob("offline-run-*"))) == 1          # no empty second W&B segment
+
+
+def test_tensorboard_after_a_resume_from_an_older_step_holds_each_step_once(tiny, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    base = [f'runs_dir="{tmp_path}"', "checkpoint.every=2", "log.every=1", "log.sample_every=3",
+            'log.trackers=["tensorboard"]']
+    train(load_config(tiny, base + ["train.max_steps=5"]))
+    ckpt = tmp_path / "tiny" / "checkpoints"
+    train(load_config(tiny, base + ["train.max_steps=7", f'checkpoint.resume="{ckpt / "step_00000002"}"']))
+    rows = [json.loads(line) for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7]
+    tb = EventAccumulator(str(tmp_path / "tiny" / "tensorboard" / "dcgan_dist"), size_guidance={"images": 0}).Reload()
+    assert [(e.step, round(e.value, 5)) for e in tb.Scalars("loss_d")] == [(r["step"], round(r["loss_d"], 5))
+                                                                           for r in rows]   # steps 3-5 once
+    assert [e.step for e in tb.Images("samples")] == [3, 6, 7]
