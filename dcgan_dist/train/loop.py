@@ -237,7 +237,8 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
         noise_std = cfg.loss.instance_noise * (
             max(0.0, 1 - state.step / cfg.loss.instance_noise_steps) if cfg.loss.instance_noise_steps else 1.0)
         for _ in range(cfg.loss.d_steps - 1):
-            d_only_step(acc, nets, to_device(next(batches)[0], acc.device, cfg.train.channels_last), cfg, noise_std)
+            state.skipped_d += d_only_step(acc, nets, to_device(next(batches)[0], acc.device, cfg.train.channels_last),
+                                           cfg, noise_std)
         real = to_device(next(batches)[0], acc.device, cfg.train.channels_last)
         if fault == ("nan", state.step + 1):
             real = real * float("nan")
