@@ -472,3 +472,15 @@ def test_tensorboard_after_a_resume_from_an_older_step_holds_each_step_once(tiny
     assert [(e.step, round(e.value, 5)) for e in tb.Scalars("loss_d")] == [(r["step"], round(r["loss_d"], 5))
                                                                            for r in rows]   # steps 3-5 once
     assert [e.step for e in tb.Images("samples")] == [3, 6, 7]
+
+
+def test_resuming_on_more_processes_says_the_world_size_changed(tiny, tmp_path):
+    """A checkpoint of 1 process has no RNG state for rank 1: that is a world-size change, named as such (like
+    2 -> 1), not 'none of the checkpoints could be loaded'."""
+    train(load_config(tiny, [f'runs_dir="{tmp_path}"', "train.max_steps=2", "checkpoint.every=1"]))
+    p = subprocess.run(launch_cmd(tiny, f'runs_dir="{tmp_path}"', "train.max_steps=4"), capture_output=True,
+                       text=True, env=env(), timeout=300)
+    assert p.returncode != 0
+    assert ("error: resuming " + str(tmp_path / "tiny" / "checkpoints" / "step_00000002") + " with changes that "
+            "break an exact continuation: world_size: 1 -> 2 (the loader position") in p.stderr
+    assert "could be loaded" not in p.stderr and "damaged" not in p.stderr

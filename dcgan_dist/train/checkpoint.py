@@ -160,11 +160,18 @@ def _check_shapes(path: Path, acc, nets) -> None:
 
 
 def load(path: Path, acc, nets, state: TrainState) -> None:
-    """Restore models, optimizers, every rank's RNG states, the scalers and our state from ``path``."""
-    for name in ("model.safetensors", "model_1.safetensors", STATE_FILE, NOISE_FILE,
-                 *(f"random_states_{i}.pkl" for i in range(acc.num_processes))):
+    """Restore models, optimizers, every rank's RNG states, the scalers and our state from ``path``.
+
+    A checkpoint of fewer processes has no RNG state for the extra ranks: that is a world-size change (which
+    the caller reports, or applies with checkpoint.allow_changes: those ranks keep the seed's streams), not damage.
+    """
+    for name in ("model.safetensors", "model_1.safetensors", STATE_FILE, NOISE_FILE):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{name} missing")
+    saved_world = int(json.loads((path / STATE_FILE).read_text()).get("world_size") or acc.num_processes)
+    for i in range(min(saved_world, acc.num_processes)):
+        if not (path / f"random_states_{i}.pkl").is_file():
+            raise FileNotFoundError(f"random_states_{i}.pkl missing")
     verify(path)
     _check_shapes(path, acc, nets)
     acc.load_state(str(path))
