@@ -484,3 +484,25 @@ def test_resuming_on_more_processes_says_the_world_size_changed(tiny, tmp_path):
     assert ("error: resuming " + str(tmp_path / "tiny" / "checkpoints" / "step_00000002") + " with changes that "
             "break an exact continuation: world_size: 1 -> 2 (the loader position") in p.stderr
     assert "could be loaded" not in p.stderr and "damaged" not in p.stderr
+
+
+@pytest.mark.parametrize("limit, failing", [(60_000, "model.safetensors (safetensors)"),
+                                            (110_000, "optimizer.bin (torch.save)")])
+def test_a_checkpoint_write_failing_inside_a_library_is_one_line_and_exit_2(tiny, tmp_path, limit, failing):
+    """A real write failure (a file size limit: EFBIG, as ENOSPC would be) inside safetensors (SafetensorError)
+    or torch.save (RuntimeError without an errno) is the disk error line, not a traceback."""
+    import resource
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)          # the write fails with EFBIG instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    p = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(tiny), "--set",
+                        f'runs_dir="{tmp_path}"'], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       preexec_fn=limited)
+    ckpt = tmp_path / "tiny" / "checkpoints"
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"error: file size limit exceeded while writing checkpoint {ckpt}/step_00000006.tmp (File too large); the "
+        f"newest complete checkpoint (none) is untouched; free space and run the same command to resume from it")
+    assert "Traceback" not in p.stderr and p.stderr.count("error") == 1
+    assert list(ckpt.iterdir()) == []
