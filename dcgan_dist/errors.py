@@ -1,6 +1,9 @@
 """The one exception type for mistakes a user can make and fix (bad path, bad config, bad data)."""
 
 import errno
+import os
+import re
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -31,3 +34,32 @@ def brief(e: BaseException, limit: int | None = None) -> str:
     """An exception's first line (at most ``limit`` characters), for one-line error messages."""
     text = str(e).strip()
     return text.splitlines()[0][:limit] if text else ""
+
+
+def write_failure(e: BaseException, folder: Path) -> OSError | None:
+    """The OSError behind a failed write that a library reports as its own type, else None: safetensors'
+    SafetensorError carries the errno in its text ("... (os error 28)"); torch.save's RuntimeError
+    ("PytorchStreamWriter failed writing file", "unexpected pos") carries none, so a 4 MiB probe write in
+    ``folder`` asks the disk (full, quota, read-only, file size limit)."""
+    if isinstance(e, OSError):
+        return e
+    text = str(e)
+    code = re.search(r"\(os error (\d+)\)", text)
+    if type(e).__name__ == "SafetensorError" and code:
+        n = int(code.group(1))
+        return OSError(n, os.strerror(n))
+    if isinstance(e, RuntimeError) and ("PytorchStreamWriter" in text or "unexpected pos" in text):
+        probe = folder / f".write-probe-{os.getpid()}"
+        try:
+            with open(probe, "wb") as f:
+                f.write(bytes(4 << 20))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as probe_error:
+            return probe_error
+        finally:
+            try:
+                probe.unlink()
+            except OSError:
+                pass
+    return None

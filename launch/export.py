@@ -11,8 +11,10 @@ The folder holds model.safetensors and config.json (the huggingface_hub mixin co
 
 import argparse
 import json
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -82,21 +84,24 @@ def run_metrics(run_dir: Path, step: int) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True, help="folder to write (must not exist, or --overwrite)")
+    p.add_argument("--out", type=Path, required=True, help="folder to write (must not exist)")
     p.add_argument("--raw", action="store_true", help="export the raw G, not G_ema")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is an earlier export (nothing else)")
     p.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this Hugging Face Hub repo")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     a = p.parse_args(argv)
-    tmp = a.out.with_name(a.out.name + ".tmp")          # written whole, then renamed to --out
+    tmp = None                                           # ours: written whole, then renamed to --out
     try:
         g, which, cfg = load_generator(a.checkpoint, "cpu", a.raw)
-        if a.out.exists() and not a.overwrite:
-            raise UserError(f"--out {a.out}: already exists; choose another folder or pass --overwrite")
+        check_out(a.out, a.checkpoint, a.overwrite)
         state = json.loads((a.checkpoint / "train_state.json").read_text()) \
             if (a.checkpoint / "train_state.json").is_file() else {}
         step = int(state.get("step", 0))
-        shutil.rmtree(tmp, ignore_errors=True)
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{a.out.name}.", suffix=".tmp", dir=a.out.parent))   # a new name
+        umask = os.umask(0o22)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)                        # mkdtemp's 0700 would stay on --out after the rename
         g.save_pretrained(tmp)
         with torch.no_grad():
             z = torch.randn(64, g.latent, generator=torch.Generator().manual_seed(0))
@@ -117,11 +122,40 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:           # an unwritable or full --out: say so in one line, leave no partial folder
-        shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:           # an unwritable or full --out: say so in one line
         print(f"error: --out {a.out}: cannot write ({e.strerror or e}: {e.filename or a.out})", file=sys.stderr)
         return 2
+    finally:                       # whatever happened, leave no partial folder (only ours: a name mkdtemp made)
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+EXPORTED = {"README.md", "config.json", "model.safetensors", "samples.png", "training_config.toml"}
+
+
+def check_out(out: Path, checkpoint: Path, overwrite: bool) -> None:
+    """Refuse an --out that would lose data: one that exists (without --overwrite), holds the checkpoint being
+    exported or a training run, or holds anything but a previous export's files (--overwrite replaces only that)."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise UserError(f"--out {out}: already exists; choose another folder or pass --overwrite")
+    target, ckpt = out.resolve(), checkpoint.resolve()
+    if target == ckpt or target in ckpt.parents:
+        raise UserError(f"--out {out}: holds the checkpoint being exported ({checkpoint}); --overwrite would delete "
+                        f"it: choose another folder")
+    if out.is_dir() and any((out / name).exists() for name in ("checkpoints", "metrics.jsonl", ".lock")):
+        raise UserError(f"--out {out}: holds a training run (checkpoints, metrics.jsonl); --overwrite would delete "
+                        f"it: choose another folder")
+    if out.is_symlink() or not out.is_dir():
+        raise UserError(f"--out {out}: is not a folder (a file or a link); --overwrite replaces only an earlier "
+                        f"export: choose another folder")
+    others = sorted(p.name for p in out.iterdir() if p.name not in EXPORTED)
+    if others:
+        raise UserError(f"--out {out}: not a folder export.py wrote (it holds {', '.join(others[:3])}"
+                        f"{', ...' if len(others) > 3 else ''}); --overwrite replaces only an earlier export: choose "
+                        f"another folder")
 
 
 def push(folder: Path, repo: str, private: bool) -> None:

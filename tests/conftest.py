@@ -79,3 +79,17 @@ progress_bar = false
 every = 100
 """)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def classifier_cache(tiny, tmp_path_factory):
+    """An eval.cache_dir holding the digit classifier and reference statistics for the tiny shards, filled once
+    for the session (~10 s)."""
+    from dcgan_dist.config import load_config
+    from dcgan_dist.data import load_manifest
+    from dcgan_dist.eval import Dist, Evaluator
+
+    cache = tmp_path_factory.mktemp("eval-cache")
+    cfg = load_config(tiny, [f'eval.cache_dir="{cache}"'])
+    Evaluator(cfg.eval, cfg.data.shards, load_manifest(cfg.data.shards), Dist())
+    return cache

@@ -12,10 +12,9 @@ from safetensors import safe_open
 
 from conftest import accelerate_launch, run_cli, ROOT
 from dcgan_dist.config import load_config
-from dcgan_dist.data import load_manifest
 from dcgan_dist.data.synthetic import write_indexed_shards, write_random_inception
 from dcgan_dist.errors import UserError
-from dcgan_dist.eval import Dist, Evaluator
+from dcgan_dist.eval import Dist
 from dcgan_dist.eval.features import DigitClassifier, InceptionFeatures
 from dcgan_dist.eval.metrics import fid_kid, reference
 from dcgan_dist.train import train
@@ -116,15 +115,6 @@ def test_missing_or_unsafe_inception_weights_are_one_line(tmp_path):
     assert not (tmp_path / "PWNED").exists()
 
 
-@pytest.fixture(scope="session")
-def classifier_cache(tiny, tmp_path_factory):
-    """The digit classifier for the tiny shards, trained once for the session (~10 s)."""
-    cache = tmp_path_factory.mktemp("eval-cache")
-    cfg = load_config(tiny, [f'eval.cache_dir="{cache}"'])
-    Evaluator(cfg.eval, cfg.data.shards, load_manifest(cfg.data.shards), Dist())
-    return cache
-
-
 def test_the_digit_classifier_is_accurate_and_cached(classifier_cache):
     files = list(classifier_cache.glob("classifier-*.safetensors"))
     assert len(files) == 1
@@ -185,3 +175,86 @@ def test_missing_inception_weights_stop_training_before_the_first_step(tiny, tmp
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith(
         f"error: eval.inception_weights: {tmp_path}/w.pth does not exist")
     assert not (tmp_path / "tiny" / "checkpoints").exists()
+
+
+def test_a_damaged_cached_reference_is_recomputed_with_a_warning_and_gives_the_same_fid(tiny, tmp_path,
+                                                                                         classifier_cache, caplog):
+    import struct
+    from dcgan_dist.data import load_manifest
+    from dcgan_dist.eval import Evaluator
+    from dcgan_dist.eval.cache import load as cache_load
+    from dcgan_dist.models import build_models
+    cache = tmp_path / "cache"
+    shutil.copytree(classifier_cache, cache)
+    for ref in cache.glob("reference-*"):
+        ref.unlink()
+    cfg = load_config(tiny, [f'eval.cache_dir="{cache}"', "eval.n=64", "eval.batch_size=32",
+                             "eval.kid_subset_size=32", "eval.kid_subsets=2"])
+    torch.manual_seed(0)
+    g, _ = build_models(cfg)
+    before = Evaluator(cfg.eval, cfg.data.shards, load_manifest(cfg.data.shards), Dist())(g)
+    (ref,) = cache.glob("reference-*.safetensors")
+    good = ref.read_bytes()
+    n = struct.unpack("<Q", good[:8])[0]
+    start = 8 + n + json.loads(good[8:8 + n])["sum"]["data_offsets"][0]
+    damaged = bytearray(good)
+    damaged[start + 7] ^= 0x40                                  # an exponent bit of sum[0]: a wild FID if used
+    ref.write_bytes(bytes(damaged))
+    after = Evaluator(cfg.eval, cfg.data.shards, load_manifest(cfg.data.shards), Dist())(g)
+    assert f"evaluation cache file {ref} is damaged (ValueError: differs from its checksum" in caplog.text
+    from safetensors.torch import load as from_bytes
+    again, expected = cache_load(ref)[0], from_bytes(good)
+    assert all(torch.equal(again[k], expected[k]) for k in expected)   # computed again, the same tensors
+    assert after["fid"] == before["fid"] and after["kid"] == before["kid"] and before["fid"] > 0
+
+
+def test_cache_entries_truncated_unchecked_or_altered_are_refused_and_an_unwritable_cache_is_one_line(tmp_path,
+                                                                                                     caplog, cli, tiny):
+    from dcgan_dist.eval import cache
+    path = tmp_path / "c" / "entry.safetensors"
+    tensors = {"a": torch.arange(6.0).view(2, 3), "n": torch.tensor(7)}
+    cache.save(path, tensors, {"extractor": "x"})
+    loaded, meta = cache.load(path)
+    assert torch.equal(loaded["a"], tensors["a"]) and int(loaded["n"]) == 7 and meta == {"extractor": "x"}
+    good = path.read_bytes()
+    for name, blob in (("truncated", good[:-5]), ("renamed tensor", good.replace(b'"a"', b'"b"')),
+                       ("altered metadata", good.replace(b'"x"', b'"y"'))):
+        path.write_bytes(blob)
+        assert cache.load(path) is None, name
+    from safetensors.torch import save_file
+    save_file(tensors, str(path))                               # an entry written before checksums
+    assert cache.load(path) is None
+    assert caplog.text.count(f"evaluation cache file {path} is damaged") == 4
+    assert "no checksum (written by an older version)" in caplog.text
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(UserError, match=rf"eval.cache_dir: {tmp_path / 'file'} is not a writable folder"):
+        cache.check_writable(tmp_path / "file")
+    p = cli("train.py", "--config", tiny, "--set", f'runs_dir="{tmp_path}"', "--set", "eval.every=2",
+            "--set", f'eval.cache_dir="{tmp_path / "file"}"', check=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1
+    assert p.stderr.startswith(f"error: eval.cache_dir: {tmp_path / 'file'} is not a writable folder")
+
+
+def test_the_digit_classifier_does_not_depend_on_the_thread_count(tiny, tmp_path):
+    """torchrun runs a rank with OMP_NUM_THREADS=1, a plain process with every core: whoever fills the cache
+    first, the classifier (bitwise) is the same. 5 training steps already differ with the thread count."""
+    import os
+    import subprocess
+    import sys
+    from safetensors.torch import load_file
+    shards = load_config(tiny).data.shards
+    code = ("import sys, torch; from pathlib import Path; from dcgan_dist.data import load_manifest; "
+            "from dcgan_dist.eval import features; features.CLASSIFIER_RECIPE['steps'] = 5; "
+            "threads = torch.get_num_threads(); s = Path(sys.argv[1]); "
+            "features.classifier(s, load_manifest(s), Path(sys.argv[2]), torch.device('cpu')); "
+            "print(threads, torch.get_num_threads())")
+    weights = {}
+    for threads in ("1", "2"):
+        p = subprocess.run([sys.executable, "-c", code, str(shards), str(tmp_path / threads)], capture_output=True,
+                           text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": threads}, check=True)
+        assert p.stdout.split() == [threads, threads]               # the process's thread count is restored
+        (f,) = (tmp_path / threads).glob("classifier-*.safetensors")
+        weights[threads] = (f.name, load_file(f))
+    (name1, one), (name2, two) = weights["1"], weights["2"]
+    assert name1 == name2 and one.keys() == two.keys() and len(one) == 9
+    assert all(torch.equal(one[k], two[k]) for k in one)

@@ -77,3 +77,42 @@ def test_push_to_hub_without_network_is_one_line_and_keeps_the_folder(checkpoint
     assert last.endswith(f"the exported folder {out} is complete: upload it later with "
                          f"`hf upload someone/dcgan-tiny {out}`")
     assert (out / "model.safetensors").is_file() and "someone/dcgan-tiny" in (out / "README.md").read_text()
+
+
+def test_export_never_deletes_what_it_did_not_create(checkpoint, tmp_path, capsys):
+    """A folder named like the old fixed temporary name is the user's; --overwrite of a run folder, of a folder
+    holding the checkpoint being exported, or of anything but an earlier export is refused in one line."""
+    import importlib.util
+    import shutil
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location("export_cli", ROOT / "launch" / "export.py")
+    export = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export)
+    out, mine = tmp_path / "exported", tmp_path / "exported.tmp"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert export.main(["--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    assert export.main(["--checkpoint", str(checkpoint), "--out", str(out), "--overwrite"]) == 0   # an export: ok
+    assert (mine / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "exported.tmp"]   # no temporary left behind
+    assert (out / "model.safetensors").is_file() and oct(out.stat().st_mode & 0o777) == oct(0o777 & ~0o022)
+    capsys.readouterr()
+
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint.parent.parent, run)
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_bytes(b"\xff\xd8")
+    everything = lambda: sorted(p for p in tmp_path.rglob("*"))             # noqa: E731
+    before = everything()
+    for target, says in ((run, "holds a training run (checkpoints, metrics.jsonl)"),
+                         (checkpoint.parent.parent, f"holds the checkpoint being exported ({checkpoint})"),
+                         (checkpoint.parent, "holds the checkpoint being exported"),
+                         (checkpoint, "holds the checkpoint being exported"),
+                         (other, "not a folder export.py wrote (it holds cat.jpg)")):
+        ckpt_files = sorted(p.name for p in checkpoint.iterdir())
+        assert export.main(["--checkpoint", str(checkpoint), "--out", str(target), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {target}: {says}") and err.count("\n") == 1, err
+        assert sorted(p.name for p in checkpoint.iterdir()) == ckpt_files
+    assert everything() == before

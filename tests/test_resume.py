@@ -21,9 +21,18 @@ from dcgan_dist.train import train
 
 STANDINS = Path(__file__).parent / "slurm_standins"
 STEPS = 40
-# Slow enough to stop mid-run, one loader worker per rank (its position must survive too).
+# Slow enough to stop mid-run, one loader worker per rank (its position must survive too), and the demo's
+# settings (configs/digits.toml): G_ema, raw grids, FID/KID during training (with the `resumable` fixture's cache).
 RESUMABLE = [f"train.max_steps={STEPS}", "train.sync_every=1", "checkpoint.every=5", "log.every=1",
-             "log.sample_every=10", "data.workers=1", "train.batch_size=32", "model.ngf=16", "model.ndf=16"]
+             "log.sample_every=10", "data.workers=1", "train.batch_size=32", "model.ngf=16", "model.ndf=16",
+             "model.ema=true", "log.raw_grid=true", "eval.every=10", "eval.n=64", "eval.batch_size=32",
+             "eval.kid_subset_size=32", "eval.kid_subsets=2"]
+
+
+@pytest.fixture(scope="session")
+def resumable(classifier_cache):
+    """RESUMABLE, evaluating with the session's digit classifier (not trained again by every run)."""
+    return [*RESUMABLE, f'eval.cache_dir="{classifier_cache}"']
 
 
 def launch_cmd(config, *overrides):
@@ -56,6 +65,12 @@ def assert_bitwise_equal(a: dict, b: dict):
         assert torch.equal(a[k], b[k]), k
 
 
+def evaluations(run: Path) -> list[tuple]:
+    """(step, FID, KID) of each evaluation row in metrics.jsonl."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["fid"], r["kid"]) for r in rows if "fid" in r]
+
+
 def last_step(run: Path) -> int:
     try:
         lines = (run / "metrics.jsonl").read_text().splitlines()
@@ -73,19 +88,19 @@ def wait_for_step(proc, run: Path, step: int, timeout: float = 120):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny, tmp_path_factory):
+def reference(tiny, tmp_path_factory, resumable):
     """The same run, never stopped."""
     runs = tmp_path_factory.mktemp("ref")
-    subprocess.run(launch_cmd(tiny, f'runs_dir="{runs}"', *RESUMABLE), check=True, capture_output=True, env=env(),
+    subprocess.run(launch_cmd(tiny, f'runs_dir="{runs}"', *resumable), check=True, capture_output=True, env=env(),
                    timeout=300)
-    return final_weights(runs / "tiny")
+    return {"weights": final_weights(runs / "tiny"), "evals": evaluations(runs / "tiny")}
 
 
 # the kill at step 12 (mid-run, after a checkpoint) runs by default; the others with -m slow
 @pytest.mark.parametrize("kill_after", [pytest.param(3, marks=pytest.mark.slow), 12,
                                         pytest.param(27, marks=pytest.mark.slow)])
-def test_kill_9_then_resume_matches_the_uninterrupted_run(tiny, reference, tmp_path, kill_after):
-    cmd = launch_cmd(tiny, f'runs_dir="{tmp_path}"', *RESUMABLE)
+def test_kill_9_then_resume_matches_the_uninterrupted_run(tiny, reference, resumable, tmp_path, kill_after):
+    cmd = launch_cmd(tiny, f'runs_dir="{tmp_path}"', *resumable)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
     wait_for_step(proc, tmp_path / "tiny", kill_after)
     # kill -9 the whole tree, as SLURM's cgroup kill does: torchrun starts each rank in its own session,
@@ -99,26 +114,65 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run(tiny, reference, tmp_p
     assert killed_at < STEPS
     complete = [p for p in (tmp_path / "tiny" / "checkpoints").glob("step_*") if not p.name.endswith(".tmp")]
     t0 = time.time()
-    p = subprocess.run(launch_cmd(tiny, f'runs_dir="{tmp_path}"', *RESUMABLE), check=True, capture_output=True,
+    p = subprocess.run(launch_cmd(tiny, f'runs_dir="{tmp_path}"', *resumable), check=True, capture_output=True,
                        text=True, env=env(), timeout=300)
     print(f"killed after step {killed_at}; resumed run took {time.time() - t0:.1f}s")
     if complete:                                               # it really resumed, from the newest complete one
         assert f"resumed from {max(complete)} " in p.stderr
     else:
         assert "resumed from" not in p.stderr
-    assert_bitwise_equal(final_weights(tmp_path / "tiny"), reference)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, STEPS + 1))                  # redone steps replace their old rows
+    assert_bitwise_equal(final_weights(tmp_path / "tiny"), reference["weights"])
+    rows = [json.loads(line) for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss_d" in r] == list(range(1, STEPS + 1))   # redone steps replace old rows
+    assert evaluations(tmp_path / "tiny") == reference["evals"]                      # steps 10, 20, 30, 40
+    assert [e[0] for e in reference["evals"]] == [10, 20, 30, 40]
 
 
-def test_signal_to_one_rank_stops_all_at_one_step_and_sbatch_requeues(tiny, reference, tmp_path):
+def test_stop_and_resume_with_evaluation_is_bitwise_the_uninterrupted_run(tiny, tmp_path, classifier_cache,
+                                                                          monkeypatch):
+    """One process, the demo's settings (EMA, FID every few steps, raw grids): stopped by a STOP file at step 5
+    and resumed, it ends at step 20 with the same G, D, G_ema, losses and FIDs as a run never stopped."""
+    import dcgan_dist.train.loop as loop
+    demo = ["train.max_steps=20", "train.sync_every=1", "checkpoint.every=100", "log.every=1", "log.sample_every=5",
+            "model.ema=true", "model.ema_kimg=0.1", "log.raw_grid=true", "eval.every=8", "eval.n=64",
+            "eval.batch_size=32", "eval.kid_subset_size=32", "eval.kid_subsets=2",
+            f'eval.cache_dir="{classifier_cache}"']
+    results = {}
+    for name in ("uninterrupted", "stopped"):
+        cfg = load_config(tiny, [f'runs_dir="{tmp_path / name}"', *demo])
+        if name == "stopped":
+            steps = []
+
+            def gan_step(*args, real=loop.gan_step):   # the STOP file appears during step 5
+                steps.append(1)
+                if len(steps) == 5:
+                    (cfg.run_dir / "STOP").touch()
+                return real(*args)
+            with monkeypatch.context() as m:
+                m.setattr(loop, "gan_step", gan_step)
+                assert train(cfg)["stopped_by"] == "STOP file"
+            assert max(p.name for p in (cfg.run_dir / "checkpoints").glob("step_*")) == "step_00000005"
+        summary = train(cfg)
+        assert summary["step"] == 20
+        rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+        results[name] = summary["models"], [{k: v for k, v in r.items() if not k.endswith("_s") and k not in
+                                             ("s_per_step", "images_per_s")} for r in rows]
+    (g, d, g_ema), rows = results["stopped"]
+    (g0, d0, g_ema0), rows0 = results["uninterrupted"]
+    for a, b in ((g, g0), (d, d0), (g_ema, g_ema0)):
+        assert_bitwise_equal(a.state_dict(), b.state_dict())
+    assert [r["step"] for r in rows if "fid" in r] == [8, 16, 20]
+    assert rows == rows0                                        # losses, scales, FID, KID: the same floats
+
+
+def test_signal_to_one_rank_stops_all_at_one_step_and_sbatch_requeues(tiny, reference, resumable, tmp_path):
     """The SLURM script with stand-in srun/scontrol/sbatch: USR1 to the batch shell -> STOP file -> every
     rank stops at the same step after a checkpoint -> requeue; the requeued job finishes bitwise equal."""
     log = tmp_path / "slurm.log"
     e = {**env(), "PATH": f"{STANDINS}:{os.environ['PATH']}", "STANDIN_LOG": str(log), "GPUS_PER_NODE": "2",
          "PYTHON": sys.executable, "SLURM_JOB_ID": "4242"}
     sbatch = ["sbatch", "launch/slurm/train.sbatch", str(tiny), "--set", f"runs_dir={tmp_path}",
-              *[a for o in RESUMABLE for a in ("--set", o)]]
+              *[a for o in resumable for a in ("--set", o)]]
     proc = subprocess.Popen(sbatch, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run = tmp_path / "tiny"
     wait_for_step(proc, run, 8)
@@ -136,12 +190,13 @@ def test_signal_to_one_rank_stops_all_at_one_step_and_sbatch_requeues(tiny, refe
     assert not (ROOT / ".dcgan-stop-4242").exists()
 
     subprocess.run(sbatch, cwd=ROOT, env=e, check=True, capture_output=True, timeout=300)   # the requeued job
-    assert_bitwise_equal(final_weights(run), reference)
+    assert_bitwise_equal(final_weights(run), reference["weights"])
+    assert evaluations(run) == reference["evals"]
     assert log.read_text().splitlines()[-1] != "scontrol requeue 4242"         # finished: no second requeue
 
 
-def test_sigterm_to_one_worker_stops_every_rank(tiny, tmp_path):
-    proc = subprocess.Popen(launch_cmd(tiny, f'runs_dir="{tmp_path}"', *RESUMABLE), env=env(), text=True,
+def test_sigterm_to_one_worker_stops_every_rank(tiny, resumable, tmp_path):
+    proc = subprocess.Popen(launch_cmd(tiny, f'runs_dir="{tmp_path}"', *resumable), env=env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for_step(proc, tmp_path / "tiny", 4)
     ranks = psutil.Process(proc.pid).children()
@@ -404,3 +459,52 @@ def test_rerunning_a_finished_run_says_so_and_touches_nothing(tiny, tmp_path, cl
     assert p.stdout.strip().splitlines()[-1].startswith("already complete: step 6 reached train.max_steps")
     assert mtimes() == before and len(before) >= 20
     assert len(list((run / "wandb").glob("offline-run-*"))) == 1          # no empty second W&B segment
+
+
+def test_tensorboard_after_a_resume_from_an_older_step_holds_each_step_once(tiny, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    base = [f'runs_dir="{tmp_path}"', "checkpoint.every=2", "log.every=1", "log.sample_every=3",
+            'log.trackers=["tensorboard"]']
+    train(load_config(tiny, base + ["train.max_steps=5"]))
+    ckpt = tmp_path / "tiny" / "checkpoints"
+    train(load_config(tiny, base + ["train.max_steps=7", f'checkpoint.resume="{ckpt / "step_00000002"}"']))
+    rows = [json.loads(line) for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7]
+    tb = EventAccumulator(str(tmp_path / "tiny" / "tensorboard" / "dcgan_dist"), size_guidance={"images": 0}).Reload()
+    assert [(e.step, round(e.value, 5)) for e in tb.Scalars("loss_d")] == [(r["step"], round(r["loss_d"], 5))
+                                                                           for r in rows]   # steps 3-5 once
+    assert [e.step for e in tb.Images("samples")] == [3, 6, 7]
+
+
+def test_resuming_on_more_processes_says_the_world_size_changed(tiny, tmp_path):
+    """A checkpoint of 1 process has no RNG state for rank 1: that is a world-size change, named as such (like
+    2 -> 1), not 'none of the checkpoints could be loaded'."""
+    train(load_config(tiny, [f'runs_dir="{tmp_path}"', "train.max_steps=2", "checkpoint.every=1"]))
+    p = subprocess.run(launch_cmd(tiny, f'runs_dir="{tmp_path}"', "train.max_steps=4"), capture_output=True,
+                       text=True, env=env(), timeout=300)
+    assert p.returncode != 0
+    assert ("error: resuming " + str(tmp_path / "tiny" / "checkpoints" / "step_00000002") + " with changes that "
+            "break an exact continuation: world_size: 1 -> 2 (the loader position") in p.stderr
+    assert "could be loaded" not in p.stderr and "damaged" not in p.stderr
+
+
+@pytest.mark.parametrize("limit, failing", [(60_000, "model.safetensors (safetensors)"),
+                                            (110_000, "optimizer.bin (torch.save)")])
+def test_a_checkpoint_write_failing_inside_a_library_is_one_line_and_exit_2(tiny, tmp_path, limit, failing):
+    """A real write failure (a file size limit: EFBIG, as ENOSPC would be) inside safetensors (SafetensorError)
+    or torch.save (RuntimeError without an errno) is the disk error line, not a traceback."""
+    import resource
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)          # the write fails with EFBIG instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    p = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(tiny), "--set",
+                        f'runs_dir="{tmp_path}"'], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       preexec_fn=limited)
+    ckpt = tmp_path / "tiny" / "checkpoints"
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"error: file size limit exceeded while writing checkpoint {ckpt}/step_00000006.tmp (File too large); the "
+        f"newest complete checkpoint (none) is untouched; free space and run the same command to resume from it")
+    assert "Traceback" not in p.stderr and p.stderr.count("error") == 1
+    assert list(ckpt.iterdir()) == []

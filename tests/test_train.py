@@ -95,6 +95,19 @@ def test_fp16_overflow_is_skipped_counted_and_training_goes_on(tiny, tmp_path):
     assert all(np.isfinite(r["loss_d"]) and np.isfinite(r["loss_g"]) for r in rows)
 
 
+def test_fp16_skips_in_extra_d_steps_are_counted(tiny, tmp_path):
+    """loss.d_steps = 2: every halving of D's loss scale (no growth this early) is a counted skip, whether it
+    happened in the extra D step or in the GAN step's."""
+    init = 2.0 ** 40
+    cfg = load_config(tiny, [f'runs_dir="{tmp_path}"', 'train.precision="fp16"', f"train.fp16_init_scale={init}",
+                             "loss.d_steps=2", "train.max_steps=3", "log.every=1", "log.sample_every=30"])
+    summary = train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["skipped_d"] >= 2                            # step 1: the extra D step and the GAN step's
+    assert [r["scale_d"] for r in rows] == [init / 2 ** r["skipped_d"] for r in rows]
+    assert summary["skipped_d"] == rows[-1]["skipped_d"]
+
+
 def test_bf16_trains_and_resume_auto_continues_from_the_checkpoint(tiny, tmp_path):
     cfg = load_config(tiny, [f'runs_dir="{tmp_path}"', 'train.precision="bf16"', "checkpoint.every=3"])
     assert train(cfg)["step"] == 6

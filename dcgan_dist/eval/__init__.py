@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..rng import isolated_rng
 from .features import DigitClassifier, build_extractor, cache_dir
 from .metrics import Dist, fid_kid, generated_features, reference
 
@@ -17,8 +18,10 @@ __all__ = ["Dist", "Evaluator"]
 
 class Evaluator:
     """Built once per run (the extractor, and the reference statistics: cached on disk); called per evaluation.
-    A collective when ``dist.world > 1``: every rank builds it and calls it at the same point."""
+    A collective when ``dist.world > 1``: every rank builds it and calls it at the same point. Neither building
+    nor calling it draws from the global RNG streams training uses (see dcgan_dist.rng)."""
 
+    @isolated_rng()
     def __init__(self, ecfg, shards: str | Path, manifest: dict, dist: Dist) -> None:
         self.cfg, self.dist, self.shards = ecfg, dist, shards
         with _main_first(dist):    # rank 0 trains/caches the classifier or computes nothing; the others load it
@@ -27,11 +30,11 @@ class Evaluator:
         self.ref = reference(self.extractor, self.shards, manifest, ecfg.n, cache_dir(ecfg.cache_dir), dist,
                              ecfg.batch_size)
 
+    @isolated_rng()
     def __call__(self, generator: nn.Module, n: int | None = None) -> dict:
         n = n or self.cfg.n
         t0 = time.perf_counter()
-        with torch.random.fork_rng(devices=[]):
-            fake = generated_features(generator, self.extractor, n, self.cfg.seed, self.dist, self.cfg.batch_size)
+        fake = generated_features(generator, self.extractor, n, self.cfg.seed, self.dist, self.cfg.batch_size)
         result = fid_kid(self.ref, fake, self.dist, self.cfg.kid_subsets, self.cfg.kid_subset_size, self.cfg.seed)
         if isinstance(self.extractor, DigitClassifier):
             result["class_fractions"] = self._class_fractions(fake)

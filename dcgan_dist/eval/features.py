@@ -20,6 +20,7 @@ from torch import nn
 
 from ..data.shards import fingerprint, sha256_file
 from ..errors import UserError, brief
+from . import cache as cached
 
 log = logging.getLogger("dcgan_dist")
 
@@ -92,34 +93,37 @@ class DigitClassifier(nn.Module):
         return self.activations(images) / self.scale
 
 
-CLASSIFIER_RECIPE = {"version": 1, "steps": 500, "batch": 128, "lr": 3e-3, "holdout": 0.1, "seed": 0}
+# in the cache key: version 2 trains on one thread (version 1's weights depended on the thread count)
+CLASSIFIER_RECIPE = {"version": 2, "steps": 500, "batch": 128, "lr": 3e-3, "holdout": 0.1, "seed": 0, "threads": 1}
 
 
 def classifier(shards: Path, manifest: dict, cache: Path, device: torch.device) -> DigitClassifier:
     """The classifier for these shards: loaded from the cache, or trained on them (labels needed) and cached.
-    Training (500 steps of batch 128) takes ~20 s on a 2-core CPU at 32 px; the held-out accuracy is logged."""
-    from safetensors.torch import load_file, save_file
-
+    Training (500 steps of batch 128) takes ~20 s on a 2-core CPU at 32 px; the held-out accuracy is logged.
+    A damaged cached entry is trained again (with a warning); an unwritable cache is a UserError."""
     from ..data import read_shards
 
-    check_features("classifier", shards, manifest)
+    check_features("classifier", shards, manifest, cache=str(cache))
     classes = manifest["class_names"]
     recipe = json.dumps(CLASSIFIER_RECIPE, sort_keys=True)
     key = "classifier-" + hashlib.sha256(f"{fingerprint(manifest)}|{recipe}".encode()).hexdigest()[:16]
     path = cache / f"{key}.safetensors"
     net = DigitClassifier(manifest["channels"], len(classes))
-    if path.is_file():
-        net.load_state_dict(load_file(path))
-    else:
+    entry = cached.load(path)
+    if entry is not None:
+        try:
+            net.load_state_dict(entry[0])
+        except RuntimeError as e:                 # a sound file of another architecture: train it again
+            log.warning("evaluation cache file %s does not fit the classifier (%s); training it again", path,
+                        brief(e, 200))
+            entry = None
+    if entry is None:
         t0 = time.perf_counter()
         pairs = list(read_shards(shards))
         x = torch.from_numpy(np.stack([p[0] for p in pairs])).permute(0, 3, 1, 2).contiguous()
         y = torch.tensor([p[1] for p in pairs])
         acc = _train_classifier(net, x, y)
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        save_file(net.state_dict(), str(tmp), metadata={"heldout_accuracy": f"{acc:.4f}", "recipe": recipe})
-        os.replace(tmp, path)
+        cached.save(path, net.state_dict(), {"heldout_accuracy": f"{acc:.4f}", "recipe": recipe})
         log.info("trained the FID feature classifier on %d images of %s in %.1f s: held-out accuracy %.3f; "
                  "cached as %s", len(x), shards, time.perf_counter() - t0, acc, path)
     net.key = key
@@ -127,6 +131,19 @@ def classifier(shards: Path, manifest: dict, cache: Path, device: torch.device) 
 
 
 def _train_classifier(net: DigitClassifier, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Train ``net`` (on the CPU) and set its feature scale; returns the held-out accuracy. On one thread,
+    whatever the process has: CPU float results depend on the thread count (reduction order), and torchrun runs
+    each rank with OMP_NUM_THREADS=1 while a plain process uses every core, so the classifier (and every FID
+    measured with it) would depend on which process trained it first."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _fit(net, x, y)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(net: DigitClassifier, x: torch.Tensor, y: torch.Tensor) -> float:
     r = CLASSIFIER_RECIPE
     gen = torch.Generator().manual_seed(r["seed"])
     perm = torch.randperm(len(x), generator=gen)
@@ -171,6 +188,7 @@ def check_features(kind: str, shards, manifest: dict, weights: str = "", cache: 
         raise UserError(f"{shards}: eval.features = \"classifier\" needs labelled shards with at least 2 "
                         f"classes (these have {len(manifest.get('class_names') or [])}); use "
                         f"eval.features = \"inception\"")
+    cached.check_writable(cache_dir(cache))
     return kind
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from torch import nn
 
 from ..data.shards import fingerprint, read_chunk
 from ..data.store import Store
+from . import cache as cached
 
 log = logging.getLogger("dcgan_dist")
 
@@ -62,25 +62,23 @@ class Dist:
 
 def reference(extractor: nn.Module, shards: Path, manifest: dict, kid_real: int, cache: Path, dist: Dist,
               batch: int = 250) -> dict:
-    """The real side, from the cache or computed across the ranks (chunks dealt round-robin) and cached."""
-    from safetensors.torch import load_file, save_file
-
+    """The real side, from the cache or computed across the ranks (chunks dealt round-robin) and cached.
+    A damaged cached entry is computed again (with a warning); an unwritable cache is a UserError."""
     kid_real = min(kid_real, manifest["num_images"])
     key = hashlib.sha256(f"{fingerprint(manifest)}|{extractor.key}|{kid_real}".encode()).hexdigest()[:16]
     path = cache / f"reference-{key}.safetensors"
-    if not path.is_file():
-        t0 = time.perf_counter()
-        stats = _reference_stats(extractor, shards, manifest, kid_real, dist, batch)
-        if dist.rank == 0:
-            cache.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            save_file(stats, str(tmp), metadata={"shards": str(shards), "extractor": extractor.key})
-            os.replace(tmp, path)
-            log.info("reference statistics of %d images of %s in %.1f s, cached as %s", int(stats["n"]), shards,
-                     time.perf_counter() - t0, path)
-        if dist.barrier:
-            dist.barrier()
-    return load_file(path)
+    entry = cached.load(path)            # every rank reads the same file: all agree whether to compute it
+    if entry is not None:
+        return entry[0]
+    t0 = time.perf_counter()
+    stats = _reference_stats(extractor, shards, manifest, kid_real, dist, batch)
+    if dist.rank == 0:
+        cached.save(path, stats, {"shards": str(shards), "extractor": extractor.key})
+        log.info("reference statistics of %d images of %s in %.1f s, cached as %s", int(stats["n"]), shards,
+                 time.perf_counter() - t0, path)
+    if dist.barrier:
+        dist.barrier()
+    return stats
 
 
 def _reference_stats(extractor, shards: Path, manifest: dict, kid_real: int, dist: Dist, batch: int) -> dict:

@@ -23,11 +23,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..data.shards import sha256_file, write_json_atomic
-from ..errors import UserError, disk_error
+from ..errors import UserError, disk_error, write_failure
 from ..models import EMA_FILE
 from ..runtime import injected_fault
 
@@ -101,11 +101,13 @@ def save(acc, nets, state: TrainState, root: Path, config_toml: str, keep: int, 
             (tmp / STATE_FILE).write_text(json.dumps({**state.to_json(), **scalers}, indent=1))
             sums = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
             (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
-    except OSError as e:
+    except (OSError, SafetensorError, RuntimeError) as e:    # the libraries' own types for a failed write too
+        cause = write_failure(e, root)
         shutil.rmtree(tmp, ignore_errors=True)
         prev = complete_checkpoints(root)
-        err = disk_error(e, f"checkpoint {tmp}", f"the newest complete checkpoint ({prev[-1] if prev else 'none'}) "
-                                                 f"is untouched; free space and run the same command to resume from it")
+        err = cause and disk_error(cause, f"checkpoint {tmp}", f"the newest complete checkpoint "
+                                   f"({prev[-1] if prev else 'none'}) is untouched; free space and run the same "
+                                   f"command to resume from it")
         if err is None:
             raise
         raise err from None
@@ -160,11 +162,18 @@ def _check_shapes(path: Path, acc, nets) -> None:
 
 
 def load(path: Path, acc, nets, state: TrainState) -> None:
-    """Restore models, optimizers, every rank's RNG states, the scalers and our state from ``path``."""
-    for name in ("model.safetensors", "model_1.safetensors", STATE_FILE, NOISE_FILE,
-                 *(f"random_states_{i}.pkl" for i in range(acc.num_processes))):
+    """Restore models, optimizers, every rank's RNG states, the scalers and our state from ``path``.
+
+    A checkpoint of fewer processes has no RNG state for the extra ranks: that is a world-size change (which
+    the caller reports, or applies with checkpoint.allow_changes: those ranks keep the seed's streams), not damage.
+    """
+    for name in ("model.safetensors", "model_1.safetensors", STATE_FILE, NOISE_FILE):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{name} missing")
+    saved_world = int(json.loads((path / STATE_FILE).read_text()).get("world_size") or acc.num_processes)
+    for i in range(min(saved_world, acc.num_processes)):
+        if not (path / f"random_states_{i}.pkl").is_file():
+            raise FileNotFoundError(f"random_states_{i}.pkl missing")
     verify(path)
     _check_shapes(path, acc, nets)
     acc.load_state(str(path))

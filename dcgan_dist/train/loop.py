@@ -23,6 +23,7 @@ from ..data import ShardLoader, to_device
 from ..data.shards import fingerprint
 from ..errors import TrainingDiverged, UserError
 from ..eval import Dist, Evaluator
+from ..rng import isolated_rng
 from ..runtime import STOP, LauncherGone, StopRequest, injected_fault
 from ..models import build_models, count_parameters
 from . import checkpoint
@@ -237,7 +238,8 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
         noise_std = cfg.loss.instance_noise * (
             max(0.0, 1 - state.step / cfg.loss.instance_noise_steps) if cfg.loss.instance_noise_steps else 1.0)
         for _ in range(cfg.loss.d_steps - 1):
-            d_only_step(acc, nets, to_device(next(batches)[0], acc.device, cfg.train.channels_last), cfg, noise_std)
+            state.skipped_d += d_only_step(acc, nets, to_device(next(batches)[0], acc.device, cfg.train.channels_last),
+                                           cfg, noise_std)
         real = to_device(next(batches)[0], acc.device, cfg.train.channels_last)
         if fault == ("nan", state.step + 1):
             real = real * float("nan")
@@ -304,6 +306,7 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
     return summary
 
 
+@isolated_rng()
 def _evaluate(nets: Nets, state: TrainState, evaluator: Evaluator, unwrapped_g, metrics: MetricsFile | None,
               tracked: Trackers) -> bool:
     """FID/KID of G_ema (G without model.ema) on every rank; rank 0 logs them. True when the FID is the best so
@@ -321,6 +324,7 @@ def _evaluate(nets: Nets, state: TrainState, evaluator: Evaluator, unwrapped_g, 
     return False
 
 
+@isolated_rng()
 def _log_grids(cfg: Config, nets: Nets, state: TrainState, unwrapped_g, tracked: Trackers) -> None:
     """The fixed-noise grid of G_ema (of G without model.ema) to samples/ and the trackers; G's own with
     log.raw_grid."""

@@ -111,8 +111,9 @@ def gan_step(acc, nets: Nets, real: torch.Tensor, cfg, noise_std: float) -> dict
             "skipped_d": skipped_d, "skipped_g": skipped_g}
 
 
-def d_only_step(acc, nets: Nets, real: torch.Tensor, cfg, noise_std: float) -> None:
-    """An extra D update (loss.d_steps > 1): fakes from G without a graph."""
+def d_only_step(acc, nets: Nets, real: torch.Tensor, cfg, noise_std: float) -> bool:
+    """An extra D update (loss.d_steps > 1): fakes from G without a graph. Returns True when fp16 skipped it
+    (inf/NaN gradients), to be counted in skipped_d like the GAN step's D update."""
     dev, prec = real.device, cfg.train.precision
     z = torch.randn(real.shape[0], cfg.model.latent, device=dev)
     with autocast(prec, dev.type):
@@ -124,4 +125,4 @@ def d_only_step(acc, nets: Nets, real: torch.Tensor, cfg, noise_std: float) -> N
         t_real, t_fake = d_targets(real.shape[0], cfg.loss.real_label, cfg.loss.flip_prob, dev)
         loss = d_loss(cfg.loss.kind, nets.D(real), nets.D(fake), t_real, t_fake)
     nets.opt_d.zero_grad(set_to_none=True)
-    _apply(nets.scaler_d, loss, nets.opt_d)
+    return _apply(nets.scaler_d, loss, nets.opt_d)

@@ -125,7 +125,10 @@ def start_trackers(acc, cfg, state, wandb: str) -> "Trackers":
     if acc.is_main_process and "wandb" in names and not state.wandb_id:
         state.wandb_id = uuid.uuid4().hex[:12]
     kwargs = {"wandb": {"name": cfg.name, "id": state.wandb_id or None, "resume": "allow", "dir": str(cfg.run_dir),
-                        "mode": wandb, "entity": cfg.log.entity or None, "group": os.environ.get("SLURM_JOB_ID")}}
+                        "mode": wandb, "entity": cfg.log.entity or None, "group": os.environ.get("SLURM_JOB_ID")},
+              # TensorBoard keeps every event written: steps after the checkpoint's are redone, so the reader is
+              # told to drop the earlier events from that step on (accelerate passes these to SummaryWriter)
+              "tensorboard": {"purge_step": state.step + 1}}
     try:
         acc.init_trackers(cfg.log.project, config=None, init_kwargs=kwargs)
     except Exception as e:  # noqa: BLE001 - wandb raises its own types (CommError, UsageError, AuthenticationError)
