@@ -44,7 +44,7 @@ class TrainState:
     def __init__(self, fixed_noise: torch.Tensor) -> None:
         self.step = 0
         self.loader_batches = 0
-        self.skipped_d = 0
+        self.skipped_d = 0            # fp16 steps skipped; a device tensor while training (read at sync points)
         self.skipped_g = 0
         self.fixed_noise = fixed_noise
         self.wandb_id = ""
@@ -54,8 +54,8 @@ class TrainState:
         self.best_step = 0
 
     def to_json(self) -> dict:
-        return {"step": self.step, "loader_batches": self.loader_batches, "skipped_d": self.skipped_d,
-                "skipped_g": self.skipped_g, "wandb_id": self.wandb_id, "world_size": self.world_size,
+        return {"step": self.step, "loader_batches": self.loader_batches, "skipped_d": int(self.skipped_d),
+                "skipped_g": int(self.skipped_g), "wandb_id": self.wandb_id, "world_size": self.world_size,
                 "data": self.data, "best_fid": self.best_fid if self.best_step else None, "best_step": self.best_step}
 
     def load_json(self, d: dict) -> None:

@@ -69,17 +69,26 @@ def frozen(accelerator, module: torch.nn.Module):
                 p.requires_grad_(True)
 
 
-def _apply(scaler: torch.amp.GradScaler, loss: torch.Tensor, opt: torch.optim.Optimizer) -> bool:
-    """Scaled backward + step + scale update; returns True when the step was skipped (inf/NaN grads)."""
+def _apply(scaler: torch.amp.GradScaler, loss: torch.Tensor, opt) -> torch.Tensor:
+    """Scaled backward + step + scale update. Returns a 0-dim bool tensor on the loss's device, True when the
+    step was skipped (inf/NaN gradients in fp16), without reading anything back to the host: the scale is
+    compared on the device (``GradScaler.get_scale()`` is a host synchronisation), and the scaler steps the
+    optimizer inside Accelerate's wrapper, so that a fused Adam (CUDA) takes the scale and the inf flag as
+    tensors instead of GradScaler's ``found_inf.item()``."""
     scaler.scale(loss).backward()
-    before = scaler.get_scale()
-    scaler.step(opt)
+    if not scaler.is_enabled():                      # fp32 / bf16: no scale, never skipped
+        opt.step()
+        return torch.zeros((), dtype=torch.bool, device=loss.device)
+    before = scaler._scale.clone()                   # the scale tensor (private; exists in torch 2.2 to 2.14)
+    scaler.step(getattr(opt, "optimizer", opt))      # AcceleratedOptimizer.step only forwards here (no accumulation)
     scaler.update()
-    return scaler.is_enabled() and scaler.get_scale() < before
+    return scaler._scale < before
 
 
 def gan_step(acc, nets: Nets, real: torch.Tensor, cfg, noise_std: float) -> dict:
-    """D update on (real, G(z)), then G update through D. Returns detached scalars."""
+    """D update on (real, G(z)), then G update through D. ``real``: B x C x H x W float in [-1, 1] on the
+    device. Returns 0-dim tensors on the device (losses, mean D(x) and D(G(z)), skip flags): nothing in the
+    step reads a value back to the host; the caller does that at its sync points."""
     dev, prec, kind = real.device, cfg.train.precision, cfg.loss.kind
     n = real.shape[0]
     z = torch.randn(n, cfg.model.latent, device=dev)
@@ -111,9 +120,9 @@ def gan_step(acc, nets: Nets, real: torch.Tensor, cfg, noise_std: float) -> dict
             "skipped_d": skipped_d, "skipped_g": skipped_g}
 
 
-def d_only_step(acc, nets: Nets, real: torch.Tensor, cfg, noise_std: float) -> bool:
-    """An extra D update (loss.d_steps > 1): fakes from G without a graph. Returns True when fp16 skipped it
-    (inf/NaN gradients), to be counted in skipped_d like the GAN step's D update."""
+def d_only_step(acc, nets: Nets, real: torch.Tensor, cfg, noise_std: float) -> torch.Tensor:
+    """An extra D update (loss.d_steps > 1): fakes from G without a graph. Returns a 0-dim bool tensor, True
+    when fp16 skipped it (inf/NaN gradients), to be counted in skipped_d like the GAN step's D update."""
     dev, prec = real.device, cfg.train.precision
     z = torch.randn(real.shape[0], cfg.model.latent, device=dev)
     with autocast(prec, dev.type):
