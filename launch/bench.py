@@ -1,9 +1,11 @@
 """Benchmarks that print figures (never asserted in tests).
 
-  python launch/bench.py train [--batch-size 128] [--steps 5] [--full]
-      training images/s (one process): fp32/bf16/fp16 x channels_last on/off x 32/64 px on synthetic
-      on-device batches, plus torch.compile, the shard loader, and the textbook loop
-      (pytorch/examples dcgan: Sigmoid + BCELoss, separate real/fake backwards, D grads in the G step)
+  python launch/bench.py train [--resolutions 32,64] [--batch-sizes 128] [--modes eager,graph] [--json F]
+      training images/s of the whole GAN step (one process): resolution x batch x fp32/bf16/fp16 x
+      channels_last x mode (eager, torch.compile, or the whole step captured in one CUDA graph) on synthetic
+      on-device batches; the shard loader; the textbook loop (pytorch/examples dcgan: Sigmoid + BCELoss,
+      separate real/fake backwards, D grads in the G step); FLOPs per image and the fraction of the H200's
+      bf16 peak
   python launch/bench.py checkpoint [--resolution 64]
       size, save time and resume (find + load) time of a full checkpoint of the default DCGAN
 
@@ -162,13 +164,13 @@ def _timed(step, warmup: int, steps: int, sync) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def textbook_step_fn(G, D, batch: int, latent: int, device):
-    """pytorch/examples/dcgan/main.py's update, verbatim in structure."""
+def textbook_step_fn(G, D, batch: int, latent: int, res: int, channels: int, device):
+    """pytorch/examples/dcgan/main.py's update, verbatim in structure (fp32: its BCELoss refuses autocast)."""
     netD = torch.nn.Sequential(D, torch.nn.Sigmoid())
     criterion = torch.nn.BCELoss()
     optD = torch.optim.Adam(netD.parameters(), lr=2e-4, betas=(0.5, 0.999))
     optG = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    real = torch.rand(batch, 3, 64, 64, device=device) * 2 - 1
+    real = torch.rand(batch, channels, res, res, device=device) * 2 - 1
 
     def step():
         netD.zero_grad()
@@ -188,67 +190,127 @@ def textbook_step_fn(G, D, batch: int, latent: int, device):
     return step
 
 
+H200_BF16_PEAK = 790e12      # FLOP/s, an 8192^3 bf16 matrix product measured on the lent H200 (device KINDS.md)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def train_rows(a) -> list[tuple]:
+    """(resolution, batch, precision, channels_last, mode) of every row asked for."""
+    rows = []
+    for res, batch, prec, cl, mode in itertools.product(_ints(a.resolutions), _ints(a.batch_sizes),
+                                                        a.precisions.split(","), a.channels_last, a.modes.split(",")):
+        if mode == "graph" and prec == "fp16":
+            continue                  # GradScaler keeps host-side state per step: not capturable (capture_step)
+        rows.append((res, batch, prec, cl, mode))
+    return rows
+
+
 def cmd_train(a) -> None:
+    """Images/s of the whole GAN step (one process), per row of train_rows, plus the textbook loop; --json
+    writes every figure."""
+    import json
+
     from accelerate import Accelerator
+    from torch.utils.flop_counter import FlopCounterMode
 
     from dcgan_dist.config import load_config
     from dcgan_dist.data import ShardLoader, to_device
     from dcgan_dist.data.synthetic import write_indexed_shards
     from dcgan_dist.models import build_models
+    from dcgan_dist.train import step as step_mod
     from dcgan_dist.train.loop import build
-    from dcgan_dist.train.step import gan_step
 
     acc = Accelerator(cpu=not torch.cuda.is_available())
     dev = acc.device
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    print(f"torch {torch.__version__}, device {dev} "
-          f"({torch.cuda.get_device_name() if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"batch {a.batch_size}, {a.steps} timed steps after {a.warmup} warm-up")
-    print(f"{'res':>4} {'precision':>9} {'ch_last':>7} {'compile':>7} {'input':>7} {'img/s':>9} {'s/step':>8}")
-    rows = []
-    for res in (32, 64):
-        for prec in ("fp32", "bf16", "fp16"):
-            for cl in (True, False):
-                for comp in ((False, True) if a.full or (res == 64 and prec == "fp32" and cl) else (False,)):
-                    rows.append((res, prec, cl, comp, "device"))
-    rows.append((64, "fp32", True, False, "shards"))
-    tmp = tempfile.TemporaryDirectory()
-    shards = Path(tmp.name)
-    write_indexed_shards(shards, max(4096, 8 * a.batch_size), 64, 3, shard_size=2048, chunk_size=256)
-    results = {}
-    for res, prec, cl, comp, src in rows:
-        if prec == "fp16" and dev.type == "cpu" and not a.full:
-            print(f"{res:>4} {prec:>9} {str(cl):>7} {str(comp):>7} {src:>7}   skipped: CPU fp16 convs are ~20x "
-                  f"slower than fp32 (measured: 24.6 s/step at 32 px); --full runs it")
+    cuda = dev.type == "cuda"
+    torch.backends.cudnn.benchmark = True           # autotuned convolutions (the trainer's default leaves it off)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), {name}; {a.steps} timed steps after "
+          f"{a.warmup} warm-up; cudnn.benchmark on")
+    print(f"{'res':>4} {'batch':>5} {'prec':>5} {'ch_last':>7} {'mode':>8} {'img/s':>10} {'ms/step':>8}  note")
+    out = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "rows": [], "flops_per_image": {}}
+
+    def report(res, batch, prec, cl, mode, s, note=""):
+        img_s = batch / s if s else None
+        row = {"resolution": res, "batch": batch, "precision": prec, "channels_last": cl, "mode": mode,
+               "images_per_s": img_s, "ms_per_step": s * 1000 if s else None, "note": note}
+        out["rows"].append(row)
+        fig = f"{img_s:>10,.0f} {s * 1000:>8.2f}" if s else f"{'-':>10} {'-':>8}"
+        print(f"{res:>4} {batch:>5} {prec:>5} {str(cl):>7} {mode:>8} {fig}  {note}", flush=True)
+
+    for res, batch, prec, cl, mode in train_rows(a):
+        if prec == "fp16" and not cuda and not a.full:
+            report(res, batch, prec, cl, mode, None, "skipped: CPU fp16 convolutions are ~20x slower (--full runs it)")
             continue
-        cfg = load_config(None, [f"data.resolution={res}", f'train.precision="{prec}"',
-                                 f"train.channels_last={str(cl).lower()}", f"train.compile={str(comp).lower()}",
-                                 f"train.batch_size={a.batch_size}"])
+        cfg = load_config(None, [f"data.resolution={res}", f'train.precision="{prec}"', f"train.batch_size={batch}",
+                                 f"train.channels_last={str(cl).lower()}",
+                                 f"train.compile={str(mode == 'compile').lower()}"])
         torch.manual_seed(0)
         nets = build(acc, cfg)
-        if src == "shards":
-            it = iter(ShardLoader(shards, a.batch_size, num_workers=a.workers, seed=0))
-            get = lambda: to_device(next(it)[0], dev, cl)                     # noqa: E731
-        else:
-            fixed = torch.randint(0, 256, (a.batch_size, res, res, 3), dtype=torch.uint8, device=dev)
-            get = lambda: to_device(fixed, dev, cl)                           # noqa: E731
+        fixed = torch.randint(0, 256, (batch, res, res, cfg.data.channels), dtype=torch.uint8, device=dev)
+        note = ""
+        if str(res) not in out["flops_per_image"]:
+            with FlopCounterMode(display=False) as fc:
+                step_mod.gan_step(acc, nets, to_device(fixed, dev, cl), cfg, 0.0)
+            out["flops_per_image"][str(res)] = fc.get_total_flops() / batch
         try:
-            s = _timed(lambda: gan_step(acc, nets, get(), cfg, 0.0), a.warmup + (2 if comp else 0), a.steps, sync)
-        except Exception as e:  # noqa: BLE001 - report unsupported combinations, keep benchmarking
-            print(f"{res:>4} {prec:>9} {str(cl):>7} {str(comp):>7} {src:>7}   failed: {type(e).__name__}: {e}"[:160])
+            step = lambda: step_mod.gan_step(acc, nets, to_device(fixed, dev, cl), cfg, 0.0)  # noqa: E731
+            if mode == "graph":
+                betas = (cfg.optim.beta1, cfg.optim.beta2)
+                nets.opt_g = torch.optim.Adam(nets.G.parameters(), lr=cfg.optim.lr_g, betas=betas, fused=cuda,
+                                              capturable=cuda)
+                nets.opt_d = torch.optim.Adam(nets.D.parameters(), lr=cfg.optim.lr_d, betas=betas, fused=cuda,
+                                              capturable=cuda)
+                if cuda:
+                    step = step_mod.capture_step(step)
+                else:
+                    note = "CPU rehearsal: the capturable step, run eagerly (no CUDA graph on a CPU)"
+            s = _timed(step, a.warmup + (2 if mode == "compile" else 0), a.steps, sync)
+        except Exception as e:  # noqa: BLE001 - report an unsupported combination, keep benchmarking
+            report(res, batch, prec, cl, mode, None, f"failed: {type(e).__name__}: {e}"[:160])
             continue
-        results[(res, prec, cl, comp, src)] = s
-        print(f"{res:>4} {prec:>9} {str(cl):>7} {str(comp):>7} {src:>7} {a.batch_size / s:>9,.0f} {s:>8.3f}")
-    torch.manual_seed(0)
-    cfg = load_config(None, ["data.resolution=64"])
-    G, D = (m.to(dev) for m in build_models(cfg))
-    s = _timed(textbook_step_fn(G, D, a.batch_size, cfg.model.latent, dev), a.warmup, a.steps, sync)
-    print(f"{64:>4} {'fp32':>9} {'False':>7} {'False':>7} {'device':>7} {a.batch_size / s:>9,.0f} {s:>8.3f}"
-          f"   <- textbook loop (pytorch/examples dcgan)")
-    ours = {cl: results.get((64, "fp32", cl, False, "device")) for cl in (True, False)}
-    for cl, t in ours.items():
-        if t:
-            print(f"64 px fp32, channels_last={cl}: dcgan_dist step is {s / t:.2f}x the textbook loop's speed")
+        flops = out["flops_per_image"][str(res)]
+        if cuda:
+            note = note or f"{flops * batch / s / H200_BF16_PEAK:.1%} of the H200's bf16 peak"
+        report(res, batch, prec, cl, mode, s, note)
+    for res, batch in itertools.product(_ints(a.resolutions), _ints(a.batch_sizes)):
+        torch.manual_seed(0)
+        cfg = load_config(None, [f"data.resolution={res}"])
+        G, D = (m.to(dev) for m in build_models(cfg))
+        s = _timed(textbook_step_fn(G, D, batch, cfg.model.latent, res, cfg.data.channels, dev), a.warmup, a.steps,
+                   sync)
+        report(res, batch, "fp32", False, "textbook", s, "pytorch/examples dcgan: Sigmoid + BCELoss, 3 backwards")
+    if a.shards_row:
+        tmp = tempfile.TemporaryDirectory()
+        batch = _ints(a.batch_sizes)[0]
+        write_indexed_shards(Path(tmp.name), max(4096, 8 * batch), 64, 3, shard_size=2048, chunk_size=256)
+        cfg = load_config(None, ["data.resolution=64", f"train.batch_size={batch}"])
+        nets = build(acc, cfg)
+        it = iter(ShardLoader(Path(tmp.name), batch, num_workers=a.workers, seed=0, pin_memory=cuda))
+        s = _timed(lambda: step_mod.gan_step(acc, nets, to_device(next(it)[0], dev, True), cfg, 0.0), a.warmup,
+                   a.steps, sync)
+        report(64, batch, "fp32", True, "shards", s, f"fed by the shard loader, {a.workers} worker(s)")
+    best = max((r for r in out["rows"] if r["images_per_s"] and r["mode"] != "textbook" and r["resolution"] == 64),
+               key=lambda r: r["images_per_s"], default=None)
+    book = max((r for r in out["rows"] if r["images_per_s"] and r["mode"] == "textbook" and r["resolution"] == 64),
+               key=lambda r: r["images_per_s"], default=None)
+    if best and book:
+        out["best_64"] = {**best, "vs_textbook": best["images_per_s"] / book["images_per_s"],
+                          "peak_fraction": out["flops_per_image"]["64"] * best["images_per_s"] / H200_BF16_PEAK}
+        print(f"best 64 px row: {best['images_per_s']:,.0f} img/s ({best['precision']}, batch {best['batch']}, "
+              f"{best['mode']}), {out['best_64']['vs_textbook']:.2f}x the best textbook row; "
+              f"{out['flops_per_image']['64'] / 1e9:.2f} GFLOP per image per step")
+    if a.json:                        # several invocations add their rows to one file
+        path = Path(a.json)
+        if path.exists():
+            old = json.loads(path.read_text())
+            out = {**old, **out, "rows": old["rows"] + out["rows"],
+                   "flops_per_image": {**old["flops_per_image"], **out["flops_per_image"]}}
+        path.write_text(json.dumps(out, indent=1))
 
 
 def cmd_checkpoint(a) -> None:
@@ -318,11 +380,20 @@ def main(argv=None) -> int:
     d.add_argument("--http", type=int, metavar="MS", help="also serve the shards over HTTP here (range requests) "
                                                           "and time the loader with 0 and MS ms added per request")
     t = sub.add_parser("train", help="training step throughput")
-    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--resolutions", default="32,64", help="comma-separated, e.g. 32,64,128")
+    t.add_argument("--batch-sizes", default="128", help="per-GPU batch sizes, comma-separated, e.g. 128,256,512")
+    t.add_argument("--precisions", default="fp32,bf16,fp16")
+    t.add_argument("--channels-last", default="on,off", type=lambda v: [x == "on" for x in v.split(",")],
+                   help="on, off or on,off")
+    t.add_argument("--modes", default="eager,graph",
+                   help="eager, compile (torch.compile), graph (the whole step in one CUDA graph), comma-separated")
     t.add_argument("--steps", type=int, default=5)
     t.add_argument("--warmup", type=int, default=2)
     t.add_argument("--workers", type=int, default=1, help="loader workers for the shard-fed row")
-    t.add_argument("--full", action="store_true", help="torch.compile on every row, not only 64 px fp32")
+    t.add_argument("--shards-row", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time 64 px fp32 fed by the shard loader")
+    t.add_argument("--full", action="store_true", help="also fp16 on a CPU")
+    t.add_argument("--json", help="write every figure to this JSON file")
     c = sub.add_parser("checkpoint", help="checkpoint size, save and resume time")
     c.add_argument("--resolution", type=int, default=64)
     e = sub.add_parser("eval", help="FID/KID evaluation cost per 1,000 images")

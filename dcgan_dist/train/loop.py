@@ -234,6 +234,7 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
     images_per_step = cfg.train.batch_size * acc.num_processes
     fault = injected_fault(acc.process_index)
     batches = iter(loader)
+    timing: dict[str, float] = {}        # seconds of the last grid and checkpoint, logged with the next row
     stopped_by = None
     last = state.step >= cfg.train.max_steps
     while not last:
@@ -277,7 +278,8 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
                 stopped_by, last, will_save = stop_reason, True, True
 
         if state.step % cfg.log.every == 0 or last:
-            row = _scalars(acc, nets, state, loader, sums, steps_since, time.perf_counter() - t_last, noise_std)
+            row = {**_scalars(acc, nets, state, loader, sums, steps_since, time.perf_counter() - t_last, noise_std),
+                   **timing}
             if main:
                 metrics.write(row)
                 tracked.log({k: v for k, v in row.items() if k != "step"}, step=state.step)
@@ -285,15 +287,19 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
             sums, steps_since, t_last = {}, 0, time.perf_counter()
 
         if main and (state.step % cfg.log.sample_every == 0 or last):
+            t = time.perf_counter()
             _log_grids(cfg, nets, state, unwrapped_g, tracked)
+            timing["grid_s"] = time.perf_counter() - t
 
         if evaluator is not None and (state.step % cfg.eval.every == 0 or (last and not stopped_by)):
             will_save |= _evaluate(nets, state, evaluator, unwrapped_g, metrics, tracked)
             t_last = time.perf_counter()                  # the evaluation is not training time
 
         if will_save:
+            t = time.perf_counter()
             checkpoint.save(acc, nets, state, ckpt_root, to_toml(cfg), cfg.checkpoint.keep,
                             cfg.checkpoint.milestone_every)
+            timing["checkpoint_s"] = time.perf_counter() - t
     bar.close()
 
     summary = _summary(acc, cfg, nets, state, stopped_by, epoch=loader.epoch, wandb_mode=wandb)
@@ -362,4 +368,5 @@ def _scalars(acc, nets: Nets, state: TrainState, loader: ShardLoader, sums: dict
             "scale_d": nets.scaler_d.get_scale(), "scale_g": nets.scaler_g.get_scale(),
             "skipped_d": int(state.skipped_d), "skipped_g": int(state.skipped_g),
             "images_per_s": steps * loader.stream.B * acc.num_processes / elapsed, "s_per_step": elapsed / steps,
-            "instance_noise": noise_std, "corrupt_chunks": loader.corrupt_chunks}
+            "instance_noise": noise_std, "corrupt_chunks": loader.corrupt_chunks,
+            **({"gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30} if acc.device.type == "cuda" else {})}

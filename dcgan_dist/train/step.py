@@ -49,9 +49,36 @@ def mean_bn_stats(acc, module: torch.nn.Module) -> None:
             b.copy_(mean.view_as(b))
 
 
+AUTOCAST_CACHE = True    # False while a CUDA graph captures the step: capture refuses autocast's cast cache
+
+
 def autocast(precision: str, device_type: str):
     dtype = AMP_DTYPES[precision]
-    return torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype, cache_enabled=AUTOCAST_CACHE) if dtype else contextlib.nullcontext()
+
+
+def capture_step(step_fn, warmup: int = 3):
+    """``step_fn()`` (one whole GAN step: forwards, backwards, both optimizer updates) captured in one CUDA
+    graph; returns its replay, which re-runs every kernel with one launch. A DCGAN step is ~300 small kernels,
+    so eager mode is launch-bound at 64 px. Needs static inputs (``step_fn`` reads the same tensors each time),
+    capturable optimizers (``Adam(capturable=True)``) and fp32/bf16 (GradScaler's fp16 bookkeeping is host-side
+    Python state that a replay would not update). The PyTorch recipe "whole-network capture":
+    https://pytorch.org/docs/stable/notes/cuda.html#cuda-graphs"""
+    global AUTOCAST_CACHE
+    AUTOCAST_CACHE = False
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):                # warm-up on a side stream, as capture requires
+            for _ in range(warmup):
+                step_fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step_fn()
+    finally:
+        AUTOCAST_CACHE = True
+    return graph.replay
 
 
 @contextlib.contextmanager
