@@ -84,10 +84,10 @@ def _environ(p: psutil.Process) -> dict:
         return {}
 
 
-@pytest.mark.parametrize("sig, when, to", [
-    (signal.SIGTERM, "one second in", "run.py"),
+@pytest.mark.parametrize("sig, when, to", [      # the default suite runs one, -m slow the others
+    pytest.param(signal.SIGTERM, "one second in", "run.py", marks=pytest.mark.slow),
     (signal.SIGTERM, "as the first rank starts", "every process"),
-    (signal.SIGUSR1, "as the first rank starts", "every process"),
+    pytest.param(signal.SIGUSR1, "as the first rank starts", "every process", marks=pytest.mark.slow),
 ])
 def test_a_stop_request_during_start_up_ends_the_run_at_once_with_exit_75(tiny, tmp_path, sig, when, to):
     run = tmp_path / "tiny"
@@ -109,7 +109,7 @@ def test_a_stop_request_during_start_up_ends_the_run_at_once_with_exit_75(tiny, 
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("killed", ["run.py", "the launcher"])
+@pytest.mark.parametrize("killed", ["run.py", pytest.param("the launcher", marks=pytest.mark.slow)])
 def test_no_rank_outlives_a_killed_launcher_by_more_than_one_step(tiny, tmp_path, killed):
     """Steps of 1.5 s and no sync point for 1000 steps: the ranks stop after the step in progress."""
     run = tmp_path / "tiny"
@@ -142,7 +142,7 @@ def _node(tiny, tmp_path, machine_rank: int, port: int, *overrides):
     return subprocess.Popen(cmd, env=env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-@pytest.mark.parametrize("signalled_node", [0, 1])
+@pytest.mark.parametrize("signalled_node", [pytest.param(0, marks=pytest.mark.slow), 1])
 def test_two_nodes_stop_together_on_a_signal_to_either_and_resume_exactly(tiny, reference, tmp_path, signalled_node):
     """Two launchers as two machines on 127.0.0.1 (static rendezvous, as train_multinode.sbatch), one process
     each: a SIGTERM to either node's run.py stops both at one step after a checkpoint, both exit 75; resumed, the

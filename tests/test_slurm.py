@@ -62,8 +62,10 @@ def reference(tiny, tmp_path_factory):
     return weights(runs / "tiny")
 
 
-def sbatch(env: dict, tiny: Path, runs: Path, *options: str) -> int:
-    cmd = ["sbatch", "--parsable", *CPU_NODE, f"--output={runs}/slurm-%j.out", *options,
+def sbatch(env: dict, tiny: Path, runs: Path, *options: str, output: bool = True) -> int:
+    """Submit launch/slurm/train.sbatch as it is; its log goes to runs/slurm-JOBID.out (output=False: where the
+    script says, logs/)."""
+    cmd = ["sbatch", "--parsable", *CPU_NODE, *([f"--output={runs}/slurm-%j.out"] if output else []), *options,
            "launch/slurm/train.sbatch", str(tiny), *[a for s in [f'runs_dir="{runs}"', *SETTINGS] for a in ("--set", s)]]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**env, "GPUS_PER_NODE": "2",
                                                                            "PYTHON": sys.executable})
@@ -155,8 +157,14 @@ def test_plain_scancel_checkpoints_at_the_stop_and_ends_the_job(stopped_jobs):
 def test_preemption_by_a_higher_priority_partition_requeues_and_ends_exact(slurm, tiny, reference, tmp_path,
                                                                           stopped_jobs):
     """After the other jobs (the urgent job takes the whole node: it would preempt them too)."""
-    job_id = sbatch(slurm, tiny, tmp_path)
-    run, log = tmp_path / "tiny", tmp_path / f"slurm-{job_id}.out"
-    stop_at(slurm, job_id, run, log, ["sbatch", "--partition=urgent", "--cpus-per-task=16",
-                                      f"--output={tmp_path}/urgent-%j.out", "--wrap", "sleep 2"])
-    assert_requeued_and_exact(wait_done(slurm, job_id, log), log.read_text(), run, reference)
+    job_id = sbatch(slurm, tiny, tmp_path, output=False)       # and its log where the script puts it
+    run, log = tmp_path / "tiny", ROOT / "logs" / f"slurm-dcgan-{job_id}.out"
+    try:
+        stop_at(slurm, job_id, run, log, ["sbatch", "--partition=urgent", "--cpus-per-task=16",
+                                          f"--output={tmp_path}/urgent-%j.out", "--wrap", "sleep 2"])
+        assert_requeued_and_exact(wait_done(slurm, job_id, log), log.read_text(), run, reference)
+        ignored = subprocess.run(["git", "status", "--porcelain", "--ignored", str(log)], cwd=ROOT, capture_output=True,
+                                 text=True).stdout
+        assert ignored.startswith("!! "), ignored                   # in logs/, and git ignores it
+    finally:
+        log.unlink(missing_ok=True)

@@ -314,3 +314,25 @@ def test_progress_gif_plays_at_four_frames_per_second(tiny, tmp_path):
     train(load_config(tiny, [f'runs_dir="{tmp_path}"']))
     gif = Image.open(tmp_path / "tiny" / "samples" / "progress.gif")
     assert gif.n_frames == 2 and gif.info["duration"] == 250               # milliseconds
+
+
+def test_the_gan_step_returns_device_tensors_and_never_reads_the_loss_scale(tiny, tmp_path, monkeypatch):
+    """No host read inside the step (on CUDA tests/gpu checks it with set_sync_debug_mode): the skip flags are
+    tensors, and GradScaler.get_scale(), a host synchronisation on CUDA, is not called."""
+    from accelerate import Accelerator
+
+    from dcgan_dist.data import to_device
+    from dcgan_dist.train.loop import build
+    from dcgan_dist.train.step import gan_step
+    cfg = load_config(tiny, [f'runs_dir="{tmp_path}"', 'train.precision="fp16"', "train.fp16_init_scale=1099511627776.0"])
+    acc = Accelerator(cpu=True)
+    nets = build(acc, cfg)
+    real = to_device(torch.randint(0, 256, (16, 32, 32, 1), dtype=torch.uint8), "cpu")
+
+    def no_host_read(self):
+        raise AssertionError("GradScaler.get_scale() inside the step")
+    monkeypatch.setattr(torch.amp.GradScaler, "get_scale", no_host_read)
+    out = gan_step(acc, nets, real, cfg, 0.0)
+    monkeypatch.undo()
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in out.values())
+    assert bool(out["skipped_d"]) and nets.scaler_d.get_scale() == 2.0 ** 39     # the overflow still counted
