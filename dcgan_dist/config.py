@@ -115,6 +115,8 @@ class EvalConfig:
     kid_subsets: int = 100
     kid_subset_size: int = 1000
     seed: int = 0                        # the latents of the generated set (the same every evaluation)
+    native_resolution: int = 0           # also judge in the data's pixel space at this size (0: off): Frechet
+                                         # distance, precision/recall (k=3), pixel-std ratio (eval/native.py)
 
 
 @dataclass

@@ -62,6 +62,11 @@ def main(argv=None) -> int:
         print(f"FID {result['fid']:.4f}  KID {result['kid']:.6f} +- {result['kid_std']:.6f}  ({which}, "
               f"{result['n_fake']} generated vs {result['n_real']} real images, features {result['features']}, "
               f"{result['eval_s']:.1f} s: {result['eval_s_per_1k']:.2f} s per 1,000 images)")
+        res = cfg.eval.native_resolution
+        if res:
+            print(f"at the data's native {res}x{res} pixels: Frechet distance {result[f'fd_pixels{res}']:.4f}, "
+                  f"precision {result[f'precision_pixels{res}']:.3f}, recall {result[f'recall_pixels{res}']:.3f} "
+                  f"(k=3), pixel std {result[f'std_ratio_pixels{res}']:.3f} x the real images'")
         if "class_fractions" in result:
             print("classes of the generated images (digit classifier): " +
                   ", ".join(f"{i}: {f:.1%}" for i, f in enumerate(result["class_fractions"])))

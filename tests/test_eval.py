@@ -258,3 +258,19 @@ def test_the_digit_classifier_does_not_depend_on_the_thread_count(tiny, tmp_path
     (name1, one), (name2, two) = weights["1"], weights["2"]
     assert name1 == name2 and one.keys() == two.keys() and len(one) == 9
     assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_precision_and_recall_in_pixel_space_on_known_sets():
+    from dcgan_dist.eval.native import NativePixels, precision_recall, std_ratio
+    gen = torch.Generator().manual_seed(0)
+    real = torch.rand(500, 64, generator=gen)
+    assert precision_recall(real, real.clone()) == (1.0, 1.0)
+    far = real + 10                                                   # every sample far from every real one
+    assert precision_recall(real, far) == (0.0, 0.0)
+    collapsed = real[:5].repeat(100, 1)                               # mode collapse: precise, no recall
+    p, r = precision_recall(real, collapsed + 1e-6)
+    assert p == 1.0 and r < 0.1
+    assert abs(std_ratio(real, real * 0.5 + 0.25) - 0.5) < 1e-9
+    x = torch.arange(32 * 32, dtype=torch.uint8).view(1, 1, 32, 32).expand(2, 1, 32, 32)
+    f = NativePixels(8, 1)(x)
+    assert f.shape == (2, 64) and torch.allclose(f[0, 0], x[0, 0, :4, :4].float().mean() / 255)

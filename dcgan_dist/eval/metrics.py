@@ -119,21 +119,24 @@ def _rank_blocks(n: int, batch: int, rank: int, world: int) -> list[tuple[int, i
 
 
 @torch.no_grad()
-def generated_features(generator: nn.Module, extractor: nn.Module, n: int, seed: int, dist: Dist,
-                       batch: int = 250) -> torch.Tensor:
-    """Features of this rank's share of ``n`` generated images (eval mode; images rounded to uint8 as saved)."""
+def generated_features(generator: nn.Module, extractors, n: int, seed: int, dist: Dist, batch: int = 250):
+    """Features of this rank's share of ``n`` generated images (eval mode; images rounded to uint8 as saved).
+    ``extractors``: one extractor (returns its features) or a list (returns a list; each image generated once)."""
+    many = isinstance(extractors, (list, tuple))
+    extractors = list(extractors) if many else [extractors]
     was_training = generator.training
     generator.eval()
     latent = generator.latent
-    out = []
+    out = [[] for _ in extractors]
     for block, size in _rank_blocks(n, batch, dist.rank, dist.world):
         z = torch.randn(size, latent, generator=torch.Generator().manual_seed(seed * 1_000_003 + block))
         images = generator(z.to(dist.device)).float()
         images = ((images + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
-        out.append(extractor(images).float())
+        for o, extractor in zip(out, extractors):
+            o.append(extractor(images).float())
     generator.train(was_training)
-    d = extractor.num_features
-    return torch.cat(out) if out else torch.zeros(0, d, device=dist.device)
+    feats = [torch.cat(o) if o else torch.zeros(0, e.num_features, device=dist.device) for o, e in zip(out, extractors)]
+    return feats if many else feats[0]
 
 
 def fid_kid(ref: dict, fake: torch.Tensor, dist: Dist, kid_subsets: int = 100, kid_subset_size: int = 1000,

@@ -319,7 +319,8 @@ def _evaluate(nets: Nets, state: TrainState, evaluator: Evaluator, unwrapped_g, 
     """FID/KID of G_ema (G without model.ema) on every rank; rank 0 logs them. True when the FID is the best so
     far: that step is then checkpointed and kept whatever checkpoint.keep says."""
     result = evaluator(nets.ema.model if nets.ema is not None else unwrapped_g)
-    row = {"step": state.step, **{k: result[k] for k in ("fid", "kid", "kid_std", "eval_s")}}
+    row = {"step": state.step, **{k: v for k, v in result.items() if k in ("fid", "kid", "kid_std", "eval_s")
+                                  or k.endswith("_pixels" + str(evaluator.cfg.native_resolution))}}
     if metrics is not None:
         metrics.write(row)
         tracked.log({k: v for k, v in row.items() if k != "step"}, step=state.step)
