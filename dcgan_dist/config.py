@@ -62,6 +62,8 @@ class OptimConfig:
     lr_d: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
+    decay_from: float = 1.0              # from this fraction of train.max_steps on, both lrs fall linearly to 0
+                                         # at max_steps (1.0: constant lr, the paper's)
 
 
 @dataclass

@@ -26,7 +26,7 @@ STEPS = 40
 RESUMABLE = [f"train.max_steps={STEPS}", "train.sync_every=1", "checkpoint.every=5", "log.every=1",
              "log.sample_every=10", "data.workers=1", "train.batch_size=32", "model.ngf=16", "model.ndf=16",
              "model.ema=true", "log.raw_grid=true", "eval.every=10", "eval.n=64", "eval.batch_size=32",
-             "eval.kid_subset_size=32", "eval.kid_subsets=2"]
+             "eval.kid_subset_size=32", "eval.kid_subsets=2", "eval.native_resolution=8", "optim.decay_from=0.5"]
 
 
 @pytest.fixture(scope="session")

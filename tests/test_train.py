@@ -336,3 +336,11 @@ def test_the_gan_step_returns_device_tensors_and_never_reads_the_loss_scale(tiny
     monkeypatch.undo()
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in out.values())
     assert bool(out["skipped_d"]) and nets.scaler_d.get_scale() == 2.0 ** 39     # the overflow still counted
+
+
+def test_lr_decays_linearly_to_zero_from_decay_from():
+    from dcgan_dist.config import OptimConfig
+    from dcgan_dist.train.loop import lr_factor
+    assert [lr_factor(OptimConfig(decay_from=0.6), s, 100) for s in (0, 59, 60, 80, 99, 100)] == \
+        [1.0, 1.0, 1.0, 0.5, 1 / 40, 0.0]
+    assert {lr_factor(OptimConfig(), s, 100) for s in range(101)} == {1.0}     # the default: constant

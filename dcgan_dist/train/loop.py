@@ -240,6 +240,7 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
     while not last:
         noise_std = cfg.loss.instance_noise * (
             max(0.0, 1 - state.step / cfg.loss.instance_noise_steps) if cfg.loss.instance_noise_steps else 1.0)
+        _set_lr(nets, cfg, state.step)
         for _ in range(cfg.loss.d_steps - 1):
             state.skipped_d += d_only_step(acc, nets, to_device(next(batches)[0], acc.device, cfg.train.channels_last),
                                            cfg, noise_std)
@@ -342,6 +343,20 @@ def _log_grids(cfg: Config, nets: Nets, state: TrainState, unwrapped_g, tracked:
     for name, (generator, folder) in grids.items():
         path = save_grid(sample_grid(generator, state.fixed_noise), folder, state.step)
         tracked.image(name, path, state.step)
+
+
+def lr_factor(optim, step: int, max_steps: int) -> float:
+    """The lr multiplier of the step after ``step``: 1 until ``optim.decay_from`` x max_steps, then linear to 0."""
+    start = optim.decay_from * max_steps
+    return 1.0 if step < start or start >= max_steps else max(0.0, (max_steps - step) / (max_steps - start))
+
+
+def _set_lr(nets: Nets, cfg: Config, step: int) -> None:
+    """Both optimizers' lr for the next step; a function of the step alone, so a resume continues exactly."""
+    f = lr_factor(cfg.optim, step, cfg.train.max_steps)
+    for groups, lr in ((nets.opt_g.param_groups, cfg.optim.lr_g), (nets.opt_d.param_groups, cfg.optim.lr_d)):
+        for g in groups:
+            g["lr"] = lr * f
 
 
 def _sync_point(acc, cfg: Config, nets: Nets, state: TrainState, nonfinite: torch.Tensor, stop: StopRequest):
