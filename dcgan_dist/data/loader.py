@@ -23,6 +23,7 @@ from worker ``g % W``; on a restart at ``g0`` worker ``k`` serves logical slot `
 from __future__ import annotations
 
 import atexit
+import errno
 import concurrent.futures.thread  # noqa: F401 - registers its exit hook before ours (see _cancel_live_reads)
 import gc
 import logging
@@ -184,12 +185,19 @@ class _ShardStream(IterableDataset):
         name, chunk = self.chunks[index]
         try:
             return read_chunk(self.store, name, chunk, self.shape, self.check)
-        except (ValueError, OSError) as e:
-            if (name, chunk["key"]) not in self._warned:
-                self._warned.add((name, chunk["key"]))
-                log.warning("skipping corrupt chunk %s in %s (%d images): %s", chunk["key"],
-                            self.store.url(name), chunk["n"], e)
-            return None
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):             # not the chunk's fault: never skip it
+                raise UserError(f"{self.store.url(name)}: {e.strerror} while reading it; {_RAISE_LIMIT}") from None
+            return self._skip(name, chunk, e)
+        except ValueError as e:
+            return self._skip(name, chunk, e)
+
+    def _skip(self, name: str, chunk: dict, e: Exception) -> None:
+        if (name, chunk["key"]) not in self._warned:
+            self._warned.add((name, chunk["key"]))
+            log.warning("skipping corrupt chunk %s in %s (%d images): %s", chunk["key"],
+                        self.store.url(name), chunk["n"], e)
+        return None
 
     def __getstate__(self):                # a worker gets its own threads
         return {**self.__dict__, "_pool": None, "_prefetcher": None, "_ahead": None}
@@ -238,6 +246,8 @@ class ShardLoader:
         self.batches = start_batch
         self.corrupt_chunks = 0
         self.stop = stop
+        if num_workers:
+            _enough_open_files(num_workers, prefetch_factor)
         self._it = self._feeder = None
         self._closed = threading.Event()
         _LIVE.add(self)
@@ -348,6 +358,9 @@ class ShardLoader:
                 elif time.monotonic() - asked >= STOP_GRACE_S:
                     raise StoppedWaiting(reason, str(self.root)) from None
         if error is not None:
+            if not isinstance(error, UserError) and "Too many open files" in str(error):   # torch lost a batch
+                raise UserError(f"{self.root}: Too many open files while receiving a batch from a loader worker; "
+                                f"{_RAISE_LIMIT}") from None
             raise error
         return item
 
@@ -377,6 +390,27 @@ def _cancel_live_reads() -> None:
 
 
 threading._register_atexit(_cancel_live_reads)       # after concurrent.futures' hook, so run before it
+
+
+_RAISE_LIMIT = "raise the limit of open files with ulimit -n (e.g. ulimit -n 4096) or set fewer data.workers"
+
+
+def _enough_open_files(workers: int, prefetch: int) -> None:
+    """Loader workers hand batches over as file descriptors (torch's sharing strategy), and each process keeps up
+    to 32 shards open: with a low limit of open files (``ulimit -n``) a worker's batch is lost in its queue thread
+    ("Too many open files", printed again and again) and the trainer waits for it forever. Raise the soft limit
+    towards the hard one; raise UserError when even the hard limit is too low."""
+    import resource
+    need = 128 + 8 * workers * prefetch
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    target = max(need, 4096) if hard == resource.RLIM_INFINITY else min(hard, max(need, 4096))
+    if target >= need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return
+    raise UserError(f"Too many open files would follow: the limit of open files (ulimit -n) is {hard}, and "
+                    f"{workers} loader worker(s) need about {need}; {_RAISE_LIMIT}")
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
