@@ -87,7 +87,11 @@ class _ShardStream(IterableDataset):
             t = i // self.W                               # batch index within the slot
             w, b = divmod(t, self.window_batches)
             if (epoch, w) != cached_key:
-                window, corrupt = self._window(epoch, self.rank * self.W + j, w)
+                try:
+                    window, corrupt = self._window(epoch, self.rank * self.W + j, w)
+                except UserError as e:        # handed over as its message: the DataLoader would wrap it in a traceback
+                    yield None, None, g, str(e)
+                    return
                 cached_key = (epoch, w)
             # Ship up to `group` consecutive batches of this slot at once (one contiguous slice of the
             # window): IPC costs per message, and one batch per message caps a worker near 20k img/s.
@@ -312,6 +316,8 @@ class ShardLoader:
         self._feeder.start()
         while True:
             x, y, g, corrupt = self._next_item(items)
+            if x is None:                                 # a worker's UserError
+                raise UserError(corrupt)
             self.corrupt_chunks += corrupt
             for i in range(len(x) // B):
                 pending[g + i * W] = (x[i * B:(i + 1) * B], y[i * B:(i + 1) * B])
