@@ -240,3 +240,16 @@ def test_without_the_remote_extra_an_http_folder_is_one_line_at_once(monkeypatch
                                             r'pip install -e "\.\[remote\]"$'):
             load_manifest("http://127.0.0.1:9/data")
     assert len(calls) == 1 and "retrying" not in caplog.text and time.monotonic() - t0 < 1
+
+
+def test_a_transiently_corrupted_remote_chunk_is_fetched_again_not_skipped(shards, tmp_path):
+    """Issue 16: one bad transfer made a chunk 'corrupt' for good (and the cache kept the bad copy)."""
+    url, server = serve_http(shards, corrupt_first=1)
+    try:
+        loader = ShardLoader(url, batch_size=16, seed=3, num_workers=0, cache_dir=str(tmp_path), cache_gb=1.0)
+        got = [image_index(x.numpy()).tolist() for x, _ in itertools.islice(loader, 16)]
+        loader.close()
+    finally:
+        server.shutdown()
+    assert server.corrupted == 1 and loader.corrupt_chunks == 0
+    assert got == batches(shards, 16, num_workers=0)                 # every image of the epoch, none repeated

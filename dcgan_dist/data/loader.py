@@ -194,6 +194,11 @@ class _ShardStream(IterableDataset):
                 raise UserError(f"{self.store.url(name)}: {e.strerror} while reading it; {_RAISE_LIMIT}") from None
             return self._skip(name, chunk, e)
         except ValueError as e:
+            if not self.store.remote:
+                return self._skip(name, chunk, e)
+        try:                                 # remote: fetched once more before it is called corrupt (a bad transfer)
+            return read_chunk(self.store, name, chunk, self.shape, self.check, fresh=True)
+        except ValueError as e:
             return self._skip(name, chunk, e)
 
     def _skip(self, name: str, chunk: dict, e: Exception) -> None:

@@ -239,11 +239,12 @@ class Store:
             return (self.root / name).read_bytes()
         return self._retry("reading it", name, "cat_file")
 
-    def read_range(self, name: str, start: int, end: int) -> bytes:
-        """Bytes [start, end) of a shard. Thread-safe (pread locally, stateless range requests remotely)."""
+    def read_range(self, name: str, start: int, end: int, fresh: bool = False) -> bytes:
+        """Bytes [start, end) of a shard. Thread-safe (pread locally, stateless range requests remotely).
+        ``fresh``: fetch them again, not from the local cache (a copy that failed its checksum)."""
         if not self.remote:
             return os.pread(self._fd(name), end - start, start)
-        cached = self.cache.get(name, start, end) if self.cache is not None else None
+        cached = self.cache.get(name, start, end) if self.cache is not None and not fresh else None
         if cached is not None:
             return cached
         data = self._retry(f"reading bytes {start}-{end}", name, "cat_file", start=start, end=end)

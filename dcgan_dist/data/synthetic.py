@@ -142,11 +142,13 @@ def write_random_inception(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def serve_http(folder: Path, latency: float = 0.0, fail_first: int = 0, hang: bool = False):
+def serve_http(folder: Path, latency: float = 0.0, fail_first: int = 0, hang: bool = False,
+               corrupt_first: int = 0):
     """A plain HTTP server on 127.0.0.1 for ``folder`` that answers byte-range requests (206) and HEAD, with
     ``latency`` seconds added to every request, in a daemon thread: stands in for object storage / a CDN in
     tests and ``bench.py data --http``. The first ``fail_first`` range requests get a 503 (a flaky network).
-    ``hang``: range requests are accepted and never answered (until shutdown). Returns ``(base_url, server)``;
+    ``hang``: range requests are accepted and never answered (until shutdown). The first ``corrupt_first`` range
+    answers have their last byte flipped (a transient corruption). Returns ``(base_url, server)``;
     ``server.requests`` counts requests (``server.ranges`` range requests), ``server.shutdown()`` stops it."""
     import http.server
     import threading
@@ -192,7 +194,14 @@ def serve_http(folder: Path, latency: float = 0.0, fail_first: int = 0, hang: bo
             if ranged:
                 self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
             self.end_headers()
-            if body:
+            if body and ranged and self.server.corrupted < corrupt_first:
+                self.server.corrupted += 1
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    data = bytearray(f.read(end - start))
+                data[-1] ^= 0xFF
+                self.wfile.write(bytes(data))
+            elif body:
                 with open(path, "rb") as f:                    # zero-copy (os.sendfile), as real servers do
                     self.connection.sendfile(f, start, end - start)
 
@@ -211,7 +220,7 @@ def serve_http(folder: Path, latency: float = 0.0, fail_first: int = 0, hang: bo
     folder = Path(folder).resolve()
     server = Server(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
-    server.requests = server.failures = server.ranges = 0
+    server.requests = server.failures = server.ranges = server.corrupted = 0
     server.released = threading.Event()
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return f"http://127.0.0.1:{server.server_address[1]}", server
