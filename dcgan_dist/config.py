@@ -31,6 +31,8 @@ class DataConfig:
     verify: str = "size"                 # shard check before training: size | sha256 | none
     cache_dir: str = ""                  # remote shards (s3/gs/http): keep fetched chunks here ("": no cache)
     cache_gb: float = 20.0               # ... up to this size, least recently used out first
+    timeout_s: float = 30.0              # remote shards: one request (connect + whole answer) at most this long
+    deadline_s: float = 120.0            # ... one read with all its retries at most this long (then: an error)
 
 
 @dataclass
@@ -151,7 +153,8 @@ TRACKERS = ("wandb", "tensorboard")
 POSITIVE = {"model.latent", "model.ngf", "model.ndf", "loss.d_steps", "train.batch_size", "train.max_steps",
             "log.every", "log.sample_every", "log.n_samples", "checkpoint.every", "checkpoint.keep",
             "optim.lr_g", "optim.lr_d", "train.fp16_init_scale", "data.shuffle_window", "train.sync_every",
-            "model.ema_kimg", "eval.n", "eval.batch_size", "eval.kid_subsets", "eval.kid_subset_size"}
+            "model.ema_kimg", "eval.n", "eval.batch_size", "eval.kid_subsets", "eval.kid_subset_size",
+            "data.timeout_s", "data.deadline_s"}
 UNIT_INTERVAL = {"loss.real_label", "loss.flip_prob", "optim.beta1", "optim.beta2", "model.ema_rampup"}
 # Upper bounds far above any real use, so an absurd value is a clear error rather than a failed allocation.
 AT_MOST = {"model.latent": 16384, "model.ngf": 4096, "model.ndf": 4096, "train.batch_size": 1 << 16,

@@ -14,6 +14,15 @@ class TrainingDiverged(UserError):
     """A non-finite loss or weight: every rank stopped at the same step; nothing was checkpointed after it."""
 
 
+class StoppedWaiting(Exception):
+    """A stop request arrived while the trainer waited for data that did not come (a hung shard server): it
+    stops at once, without a checkpoint. ``reason``: "signal" or "STOP file"; ``what``: where the data comes from."""
+
+    def __init__(self, reason: str, what: str) -> None:
+        super().__init__(f"stopped by {reason} while waiting for data from {what}")
+        self.reason, self.what = reason, what
+
+
 # Exit codes of launch/train.py (documented in the README).
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3

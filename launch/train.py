@@ -15,7 +15,7 @@ import os  # noqa: E402
 import sys  # noqa: E402
 
 from dcgan_dist.config import load_config  # noqa: E402
-from dcgan_dist.errors import TrainingDiverged, UserError, disk_error  # noqa: E402
+from dcgan_dist.errors import StoppedWaiting, TrainingDiverged, UserError, disk_error  # noqa: E402
 from dcgan_dist.runtime import (EXIT_DIVERGED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED,  # noqa: E402
                                 EXIT_USER_ERROR, LauncherGone, die_with_parent, outcome_recorded, record_outcome)
 
@@ -62,6 +62,11 @@ def main(argv=None) -> int:
         summary = train(cfg)
     except LauncherGone as e:
         return launcher_gone(e)
+    except StoppedWaiting as e:               # a hung shard server: no step to checkpoint at
+        from dcgan_dist.train.checkpoint import complete_checkpoints, step_of
+        done = complete_checkpoints(cfg.run_dir / "checkpoints")
+        return finish(EXIT_PREEMPTED, f"{e}; run the same command again to resume from the newest checkpoint "
+                                      f"({f'step {step_of(done[-1])}' if done else 'none yet: from the start'})")
     except TrainingDiverged as e:
         return finish(EXIT_DIVERGED, f"error: {e}")
     except UserError as e:

@@ -236,3 +236,50 @@ def test_window_shuffle_is_concatenate_then_permute():
     perm = np.random.default_rng([4, 1, 2]).permutation(31)
     assert np.array_equal(x, np.concatenate([p[0] for p in pieces])[perm])
     assert np.array_equal(y, np.concatenate([p[1] for p in pieces])[perm]) and y.dtype == np.int64
+
+
+@pytest.mark.parametrize("soft, hard", [(16, 16), (16, 4096)])
+def test_a_low_open_file_limit_is_one_line_or_raised_never_a_hang_or_a_flood(tiny, tmp_path, soft, hard):
+    """Issue 16 §3: with ulimit -n 16 a loader worker's batches were lost in its queue thread ("Too many open files"
+    again and again) and the trainer waited forever. A hard limit too low is one line; a soft one is raised."""
+    import resource
+    import subprocess
+    import sys
+    import time
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run([sys.executable, str(conftest.ROOT / "launch" / "train.py"), "--config", str(tiny),
+                            "--set", f'runs_dir="{tmp_path}"', "--set", "data.workers=1"], cwd=conftest.ROOT,
+                           capture_output=True, text=True, timeout=90,
+                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)))
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"no end after 90 s; {len(e.stderr or b'')} bytes on stderr")
+    assert len(p.stderr) < 20_000 and time.monotonic() - t0 < 90
+    if soft == hard:
+        assert p.returncode == 2, p.stderr[-3000:]
+        assert p.stderr.strip().splitlines()[-1] == (
+            "error: Too many open files would follow: the limit of open files (ulimit -n) is 16, and 1 loader "
+            "worker(s) need about 160; raise the limit of open files with ulimit -n (e.g. ulimit -n 4096) or set "
+            "fewer data.workers")
+        assert "Traceback" not in p.stderr
+    else:
+        assert p.returncode == 0 and "done: step 6" in p.stdout, p.stderr[-3000:]
+
+
+def test_too_many_open_files_while_reading_a_shard_is_not_a_corrupt_chunk(tmp_path, monkeypatch):
+    """It used to be skipped as corrupt (a warning per chunk), then 'every chunk of a loader window is corrupt'."""
+    import errno
+    import os
+
+    from dcgan_dist.data import store
+    write_indexed_shards(tmp_path, 64, shard_size=32, chunk_size=16)
+    loader = ShardLoader(tmp_path, batch_size=8, num_workers=0)
+
+    def no_more_files(*args, **kw):
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+    monkeypatch.setattr(store.os, "open", no_more_files)
+    with pytest.raises(UserError, match=r"shard-00000[01].tar: Too many open files while reading it; raise the limit "
+                                        r"of open files with ulimit -n"):
+        next(iter(loader))
+    assert loader.corrupt_chunks == 0
+    loader.close()

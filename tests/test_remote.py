@@ -146,3 +146,110 @@ def test_the_local_cache_serves_later_epochs_and_stays_within_its_size(shards, t
         assert sum(f.stat().st_size for f in folder.iterdir()) <= 200_000 + 50_000    # ~4 chunks of 49 KB
     finally:
         server.shutdown()
+
+
+def test_a_server_that_accepts_and_never_answers_is_an_error_naming_the_url_within_the_deadline(shards):
+    """Issue 16 §2: each request is bounded (data.timeout_s) and so is each read with its retries (data.deadline_s);
+    fsspec alone waited 300 s per try, 5 tries."""
+    from dcgan_dist.data.store import set_limits
+    url, server = serve_http(shards, hang=True)
+    set_limits(0.5, 2.0)
+    try:
+        store = Store(url)
+        t0 = time.monotonic()
+        with pytest.raises(UserError, match=rf"^{url}/shard-000000.tar: unreachable after \d tries in [12]\.\d s while "
+                                            r"reading bytes 0-10 \(TimeoutError: no answer within [\d.]+ s\); a request "
+                                            r"may take data.timeout_s = 0.5 s, .* data.deadline_s = 2 s"):
+            store.read_range("shard-000000.tar", 0, 10)
+        assert 1.9 < time.monotonic() - t0 < 3.0 and server.ranges >= 3
+    finally:
+        set_limits(30, 120)
+        server.shutdown()
+
+
+def _train_on(url, tiny, tmp_path, *sets):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    args = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(tiny), "--set", f'runs_dir="{tmp_path}"',
+            "--set", f'data.shards="{url}"', *[a for s in sets for a in ("--set", s)]]
+    return subprocess.Popen(args, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("workers", [0, 1])          # 1: not "Caught UserError in DataLoader worker process 0"
+def test_a_hung_shard_server_ends_the_run_with_one_line_and_exit_2(tiny, tmp_path, workers):
+    from dcgan_dist.config import load_config
+    url, server = serve_http(load_config(tiny).data.shards, hang=True)
+    try:
+        t0 = time.monotonic()
+        proc = _train_on(url, tiny, tmp_path, "data.timeout_s=1", "data.deadline_s=3", f"data.workers={workers}")
+        out, err = proc.communicate(timeout=120)
+        ranges_at_end = server.ranges
+    finally:
+        proc.kill()
+        server.shutdown()
+    assert proc.returncode == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: {url}/shard-0000") and "TimeoutError: no answer within" in last
+    assert "Traceback" not in err and "Caught" not in err and ranges_at_end >= 3
+    assert time.monotonic() - t0 < 60            # start-up (~10 s here) + the 3 s deadline, not 5 x 300 s
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_sigterm_while_the_shard_server_hangs_stops_the_run_at_once_with_exit_75(tiny, tmp_path, workers):
+    """Issue 16 §2: the main process waited in the loader's queue and never looked at the stop request."""
+    import signal
+    from dcgan_dist.config import load_config
+    url, server = serve_http(load_config(tiny).data.shards, hang=True)
+    try:
+        proc = _train_on(url, tiny, tmp_path, f"data.workers={workers}")      # default bounds: 30 s, 120 s
+        t0 = time.monotonic()
+        while server.ranges == 0 and proc.poll() is None and time.monotonic() - t0 < 90:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert proc.poll() is None and server.ranges > 0
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        proc.kill()
+        server.shutdown()
+    assert proc.returncode == 75, err[-3000:]
+    assert out.strip().splitlines()[-1] == (f"stopped by signal while waiting for data from {url}; run the same "
+                                            f"command again to resume from the newest checkpoint (none yet: from "
+                                            f"the start)")
+    assert took < 5 and "Traceback" not in err
+
+
+def test_without_the_remote_extra_an_http_folder_is_one_line_at_once(monkeypatch, caplog):
+    """Issue 16: a missing package was retried as a network failure ("unreachable after 5 tries")."""
+    import fsspec
+    calls = []
+
+    def missing(*args, **kw):
+        calls.append(args)
+        raise ImportError('HTTPFileSystem requires "requests" and "aiohttp" to be installed')
+    monkeypatch.setattr(fsspec, "filesystem", missing)
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        with pytest.raises(UserError, match=r'^data.shards = http://127.0.0.1:9/data: HTTPFileSystem requires "requests" '
+                                            r'and "aiohttp" to be installed; install the remote extra: '
+                                            r'pip install -e "\.\[remote\]"$'):
+            load_manifest("http://127.0.0.1:9/data")
+    assert len(calls) == 1 and "retrying" not in caplog.text and time.monotonic() - t0 < 1
+
+
+def test_a_transiently_corrupted_remote_chunk_is_fetched_again_not_skipped(shards, tmp_path):
+    """Issue 16: one bad transfer made a chunk 'corrupt' for good (and the cache kept the bad copy)."""
+    url, server = serve_http(shards, corrupt_first=1)
+    try:
+        loader = ShardLoader(url, batch_size=16, seed=3, num_workers=0, cache_dir=str(tmp_path), cache_gb=1.0)
+        got = [image_index(x.numpy()).tolist() for x, _ in itertools.islice(loader, 16)]
+        loader.close()
+    finally:
+        server.shutdown()
+    assert server.corrupted == 1 and loader.corrupt_chunks == 0
+    assert got == batches(shards, 16, num_workers=0)                 # every image of the epoch, none repeated

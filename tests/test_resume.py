@@ -508,3 +508,30 @@ def test_a_checkpoint_write_failing_inside_a_library_is_one_line_and_exit_2(tiny
         f"newest complete checkpoint (none) is untouched; free space and run the same command to resume from it")
     assert "Traceback" not in p.stderr and p.stderr.count("error") == 1
     assert list(ckpt.iterdir()) == []
+
+
+def test_a_changed_worker_count_on_resume_is_refused_as_breaking(tiny, tmp_path):
+    """Issue 16 §7: it was logged as a safe change ("does not change the data order") while the batches after the
+    resume differed (the epoch is cut into max(1, workers) slots). 0 <-> 1 is the same order and stays allowed."""
+    import itertools
+
+    from dcgan_dist.data import ShardLoader
+    from dcgan_dist.data.synthetic import image_index
+    from dcgan_dist.train.rundir import compare
+    shards = load_config(tiny).data.shards
+
+    def ids(workers):
+        loader = ShardLoader(shards, batch_size=16, num_workers=workers, seed=0, start_batch=3)
+        try:
+            return [image_index(x.numpy()).tolist() for x, _ in itertools.islice(loader, 4)]
+        finally:
+            loader.close()
+    assert ids(0) == ids(1) != ids(2)                       # why: the order depends on max(1, workers)
+    safe, breaking = compare({"data.workers": 0}, {"data.workers": 1})
+    assert safe == ["data.workers: 0 -> 1 (the same data order)"] and breaking == []
+    base = [f'runs_dir="{tmp_path}"', "checkpoint.every=2"]
+    train(load_config(tiny, base + ["train.max_steps=2"]))
+    with pytest.raises(UserError, match=r"changes that break an exact continuation: data.workers: 0 -> 2 \(the epoch "
+                                        r"is cut into one slot per loader worker"):
+        train(load_config(tiny, base + ["train.max_steps=4", "data.workers=2"]))
+    assert train(load_config(tiny, base + ["train.max_steps=4", "data.workers=1"]))["step"] == 4

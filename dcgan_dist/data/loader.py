@@ -23,18 +23,24 @@ from worker ``g % W``; on a restart at ``g0`` worker ``k`` serves logical slot `
 from __future__ import annotations
 
 import atexit
+import errno
+import concurrent.futures.thread  # noqa: F401 - registers its exit hook before ours (see _cancel_live_reads)
 import gc
 import logging
 import os
+import queue
 import signal
+import threading
+import time
 import weakref
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..errors import UserError
+from ..errors import StoppedWaiting, UserError
 from .shards import fingerprint, load_manifest, read_chunk
 from .store import Store
 
@@ -81,7 +87,11 @@ class _ShardStream(IterableDataset):
             t = i // self.W                               # batch index within the slot
             w, b = divmod(t, self.window_batches)
             if (epoch, w) != cached_key:
-                window, corrupt = self._window(epoch, self.rank * self.W + j, w)
+                try:
+                    window, corrupt = self._window(epoch, self.rank * self.W + j, w)
+                except UserError as e:        # handed over as its message: the DataLoader would wrap it in a traceback
+                    yield None, None, g, str(e)
+                    return
                 cached_key = (epoch, w)
             # Ship up to `group` consecutive batches of this slot at once (one contiguous slice of the
             # window): IPC costs per message, and one batch per message caps a worker near 20k img/s.
@@ -179,12 +189,24 @@ class _ShardStream(IterableDataset):
         name, chunk = self.chunks[index]
         try:
             return read_chunk(self.store, name, chunk, self.shape, self.check)
-        except (ValueError, OSError) as e:
-            if (name, chunk["key"]) not in self._warned:
-                self._warned.add((name, chunk["key"]))
-                log.warning("skipping corrupt chunk %s in %s (%d images): %s", chunk["key"],
-                            self.store.url(name), chunk["n"], e)
-            return None
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):             # not the chunk's fault: never skip it
+                raise UserError(f"{self.store.url(name)}: {e.strerror} while reading it; {_RAISE_LIMIT}") from None
+            return self._skip(name, chunk, e)
+        except ValueError as e:
+            if not self.store.remote:
+                return self._skip(name, chunk, e)
+        try:                                 # remote: fetched once more before it is called corrupt (a bad transfer)
+            return read_chunk(self.store, name, chunk, self.shape, self.check, fresh=True)
+        except ValueError as e:
+            return self._skip(name, chunk, e)
+
+    def _skip(self, name: str, chunk: dict, e: Exception) -> None:
+        if (name, chunk["key"]) not in self._warned:
+            self._warned.add((name, chunk["key"]))
+            log.warning("skipping corrupt chunk %s in %s (%d images): %s", chunk["key"],
+                        self.store.url(name), chunk["n"], e)
+        return None
 
     def __getstate__(self):                # a worker gets its own threads
         return {**self.__dict__, "_pool": None, "_prefetcher": None, "_ahead": None}
@@ -211,11 +233,14 @@ class ShardLoader:
                  num_workers: int = 2, seed: int = 0, shuffle_window: int = 4096, start_batch: int = 0,
                  verify: str = "size", resolution: int | None = None, channels: int | None = None,
                  pin_memory: bool = False, prefetch_factor: int = 4, manifest: dict | None = None,
-                 concurrency: int = 16, cache_dir: str = "", cache_gb: float = 0.0) -> None:
+                 concurrency: int = 16, cache_dir: str = "", cache_gb: float = 0.0,
+                 stop: Callable[[], str | None] | None = None) -> None:
         """``root``: a folder or an s3:// gs:// http(s):// URL. ``manifest``: one already returned by
         ``load_manifest`` for this root and these checks (the trainer's pre-flight), so the shards are not
         verified twice. ``concurrency``: chunk range requests in flight per worker for remote shards.
-        ``cache_dir``/``cache_gb``: keep fetched remote chunks on local disk (see store.ChunkCache)."""
+        ``cache_dir``/``cache_gb``: keep fetched remote chunks on local disk (see store.ChunkCache).
+        ``stop``: returns a reason ("signal") when the process was asked to stop; a wait for a batch that outlasts
+        such a request by ``STOP_GRACE_S`` raises errors.StoppedWaiting (see _next_item)."""
         self.store = Store(root)
         self.root = self.store.root
         self.manifest = manifest or load_manifest(root, verify, resolution, channels)
@@ -229,7 +254,11 @@ class ShardLoader:
                                    concurrency=max(1, concurrency))
         self.batches = start_batch
         self.corrupt_chunks = 0
-        self._it = None
+        self.stop = stop
+        if num_workers:
+            _enough_open_files(num_workers, prefetch_factor)
+        self._it = self._feeder = None
+        self._closed = threading.Event()
         _LIVE.add(self)
         self._dl = DataLoader(self.stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                               prefetch_factor=prefetch_factor if num_workers else None,
@@ -255,12 +284,23 @@ class ShardLoader:
         return {"batches": self.batches}
 
     def close(self) -> None:
-        """Stop the worker processes now. Call it in a ``finally``: the workers ignore SIGTERM (see
+        """Stop the worker processes and threads now. Call it in a ``finally``: the workers ignore SIGTERM (see
         _ignore_stop_signals), so multiprocessing's exit handler, which terminates and joins them, would wait
-        forever for a loader still referenced by a traceback."""
+        forever for a loader still referenced by a traceback. Workers are killed, not asked: one stuck in a read
+        of a silent server would not answer (torch would wait 10 s for it, then leave it running)."""
+        self._closed.set()
+        self.store.cancel()                 # reads in flight in this process end (workers=0, remote shards)
         it, self._it = self._it, None
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
+        if it is None or not hasattr(it, "_shutdown_workers"):
+            return
+        if getattr(it, "_worker_pids_set", False):        # torch's SIGCHLD check would call a killed worker a crash
+            from torch.utils.data import _utils
+            _utils.signal_handling._remove_worker_pids(id(it))
+            it._worker_pids_set = False
+        for w in getattr(it, "_workers", []):
+            if w.is_alive():
+                w.kill()
+        it._shutdown_workers()
 
     def __iter__(self):
         B, W = self.stream.B, self.num_slots
@@ -276,7 +316,13 @@ class ShardLoader:
             self._it = iter(self._dl)
         finally:
             gc.unfreeze()
-        for x, y, g, corrupt in self._it:
+        items: queue.Queue = queue.Queue(maxsize=2)
+        self._feeder = threading.Thread(target=self._feed, args=(self._it, items), name="loader-feeder", daemon=True)
+        self._feeder.start()
+        while True:
+            x, y, g, corrupt = self._next_item(items)
+            if x is None:                                 # a worker's UserError
+                raise UserError(corrupt)
             self.corrupt_chunks += corrupt
             for i in range(len(x) // B):
                 pending[g + i * W] = (x[i * B:(i + 1) * B], y[i * B:(i + 1) * B])
@@ -287,6 +333,53 @@ class ShardLoader:
                 self.batches += 1
                 yield batch
 
+    def _feed(self, it, items: queue.Queue) -> None:
+        """The feeder thread: the DataLoader's items (or the exception that ended them) into ``items``. The main
+        thread waits on ``items`` with a timeout, so it sees a stop request while no batch comes (a hung read)."""
+        try:
+            for item in it:
+                while not self._closed.is_set():
+                    try:
+                        items.put((item, None), timeout=0.5)
+                        break
+                    except queue.Full:
+                        pass
+                if self._closed.is_set():
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread, which raises it
+            if not self._closed.is_set():
+                items.put((None, e))
+            return
+        items.put((None, RuntimeError("loader ended")))      # its workers never end: not reached
+
+    def _next_item(self, items: queue.Queue):
+        """The next item of the DataLoader. Raises what the feeder caught, or StoppedWaiting when a stop request
+        (``self.stop()``) is older than STOP_GRACE_S and no item came meanwhile."""
+        asked = None
+        while True:
+            try:
+                item, error = items.get(timeout=POLL_S)
+                break
+            except queue.Empty:
+                reason = self.stop() if self.stop is not None else None
+                if reason is None:
+                    continue
+                if asked is None:
+                    asked = time.monotonic()
+                elif time.monotonic() - asked >= STOP_GRACE_S:
+                    raise StoppedWaiting(reason, str(self.root)) from None
+        if error is not None:
+            if not isinstance(error, UserError) and "Too many open files" in str(error):   # torch lost a batch
+                raise UserError(f"{self.root}: Too many open files while receiving a batch from a loader worker; "
+                                f"{_RAISE_LIMIT}") from None
+            raise error
+        return item
+
+
+# How often a main thread waiting for a batch looks at the stop request, and how long it still waits for the batch
+# after one (a slow but working loader then reaches the trainer's next sync point: a checkpoint), in seconds.
+POLL_S = 0.25
+STOP_GRACE_S = 1.0
 
 # Loaders whose workers may still run. At exit, multiprocessing terminates (SIGTERM, ignored by our workers) and
 # joins every worker, which would wait forever; this hook, registered after multiprocessing's own (atexit runs
@@ -298,6 +391,37 @@ _LIVE: "weakref.WeakSet[ShardLoader]" = weakref.WeakSet()
 def _close_live_loaders() -> None:
     for loader in list(_LIVE):
         loader.close()
+
+
+def _cancel_live_reads() -> None:
+    """Before the interpreter joins its thread pools at exit (threading's own exit hooks, which run before atexit's):
+    end the remote reads in flight of unclosed loaders, or the exit would wait for them to time out."""
+    for loader in list(_LIVE):
+        loader.store.cancel()
+
+
+threading._register_atexit(_cancel_live_reads)       # after concurrent.futures' hook, so run before it
+
+
+_RAISE_LIMIT = "raise the limit of open files with ulimit -n (e.g. ulimit -n 4096) or set fewer data.workers"
+
+
+def _enough_open_files(workers: int, prefetch: int) -> None:
+    """Loader workers hand batches over as file descriptors (torch's sharing strategy), and each process keeps up
+    to 32 shards open: with a low limit of open files (``ulimit -n``) a worker's batch is lost in its queue thread
+    ("Too many open files", printed again and again) and the trainer waits for it forever. Raise the soft limit
+    towards the hard one; raise UserError when even the hard limit is too low."""
+    import resource
+    need = 128 + 8 * workers * prefetch
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    target = max(need, 4096) if hard == resource.RLIM_INFINITY else min(hard, max(need, 4096))
+    if target >= need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return
+    raise UserError(f"Too many open files would follow: the limit of open files (ulimit -n) is {hard}, and "
+                    f"{workers} loader worker(s) need about {need}; {_RAISE_LIMIT}")
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

@@ -225,14 +225,15 @@ def chunk_span(chunk: dict) -> tuple[int, int]:
 
 
 def read_chunk(store: Store, name: str, chunk: dict, shape: tuple[int, int, int],
-               check: bool = True) -> tuple[np.ndarray, np.ndarray]:
+               check: bool = True, fresh: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Read one chunk's images and labels from a shard, by the manifest's byte offsets, in one range read.
 
     ``check``: compare the bytes with the chunk's ``crc32`` (manifests written before it existed have none).
+    ``fresh``: remote shards, fetch the bytes again rather than from the local cache.
     Raises ValueError when the bytes differ from the manifest's or are not the npy arrays it describes.
     """
     start, end = chunk_span(chunk)
-    buf = store.read_range(name, start, end)
+    buf = store.read_range(name, start, end, fresh)
     if len(buf) != end - start:
         raise ValueError(f"short read ({len(buf)} of {end - start} bytes)")
 

@@ -3,8 +3,11 @@
 Everything the loader, the trainer and the evaluator read goes through a Store: the manifest (one small file),
 shard sizes (pre-flight), and byte ranges of chunks (the manifest's offsets), so the epoch plan, equal batches
 and exact resume are the same for every kind of storage. Remote reads are stateless range requests
-(``fs.cat_file(path, start, end)``), safe to run from many threads at once, retried with exponential backoff;
-a shard that stays unreachable is an error naming its URL, never a hang (fsspec's own timeouts bound each try).
+(fsspec's ``_cat_file(path, start, end)`` on its event loop), safe to run from many threads at once, retried with
+exponential backoff. Every request is bounded (``timeout_s``: connect and answer, 30 s by default; fsspec's own
+default lets a server that accepted a request and never answers hold a read for 300 s per try) and so is every
+read with its retries (``deadline_s``); a shard that stays unreachable or silent is an error naming its URL, never
+a hang. ``Store.cancel()`` ends the reads in flight of a closed loader within a quarter of a second.
 
 Credentials come from each back end's usual places (AWS_* variables or ~/.aws for s3fs, Google's default
 credentials for gcsfs); a URL with a user or password in it is refused, so none can reach config.toml, logs
@@ -13,6 +16,8 @@ or W&B through ``data.shards``.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import io
 import logging
 import os
@@ -26,6 +31,18 @@ from ..errors import UserError
 
 log = logging.getLogger("dcgan_dist")
 REMOTE = ("s3", "gs", "gcs", "http", "https")
+# Bounds of every remote read, in seconds: one request (connect + the whole answer), and one read with all its
+# retries. The trainer sets them from data.timeout_s / data.deadline_s (set_limits) before it makes any Store.
+LIMITS = {"timeout_s": 30.0, "deadline_s": 120.0}
+
+
+def set_limits(timeout_s: float, deadline_s: float) -> None:
+    """The bounds of remote reads for every Store made from now on (loader workers get them with their Store)."""
+    LIMITS.update(timeout_s=float(timeout_s), deadline_s=float(deadline_s))
+
+
+class Cancelled(Exception):
+    """The Store was cancelled (its loader closed) while a read was in flight."""
 
 
 def is_remote(root) -> bool:
@@ -99,6 +116,8 @@ class Store:
         self.root = str(root).rstrip("/") if is_remote(root) else Path(root)
         self.remote = is_remote(root)
         self.retries, self.backoff, self.what = retries, backoff, what
+        self.timeout_s, self.deadline_s = LIMITS["timeout_s"], LIMITS["deadline_s"]
+        self._cancelled = threading.Event()
         self._fs, self._fs_pid = None, 0
         self.cache: ChunkCache | None = None
         self._fds: OrderedDict = OrderedDict()
@@ -136,16 +155,46 @@ class Store:
         return self._fs
 
     def __getstate__(self):            # DataLoader workers get a copy without open handles or clients
-        return {**self.__dict__, "_fs": None, "_fds": OrderedDict(), "_lock": None}
+        return {**self.__dict__, "_fs": None, "_fds": OrderedDict(), "_lock": None, "_cancelled": None}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._cancelled = threading.Event()
 
-    def _retry(self, what: str, name: str, fn, missing_ok: bool = False):
+    def cancel(self) -> None:
+        """End this Store's remote reads: those in flight raise Cancelled within 0.25 s, later ones at once (for
+        a closing loader: its threads must not keep the process alive until their requests time out)."""
+        self._cancelled.set()
+
+    def _request(self, method: str, url: str, timeout: float, **kw):
+        """``fs.<method>(url, **kw)`` through the file system's async API, bounded by ``timeout`` seconds and by
+        cancel(). Raises TimeoutError naming the bound, Cancelled, or what the request raised."""
+        fs = self.fs
+        future = asyncio.run_coroutine_threadsafe(getattr(fs, "_" + method)(url, **kw), fs.loop)
+        end = time.monotonic() + timeout
+        while not future.done():
+            left = end - time.monotonic()
+            if left <= 0 or self._cancelled.is_set():
+                future.cancel()               # cancels the coroutine on fsspec's loop: the connection is dropped
+                if self._cancelled.is_set():
+                    raise Cancelled(url)
+                raise TimeoutError(f"no answer within {timeout:.3g} s")
+            concurrent.futures.wait([future], timeout=min(left, 0.25))
+        return future.result()
+
+    def _retry(self, what: str, name: str, method: str, missing_ok: bool = False, **kw):
+        """``method`` of the remote file system on ``name``, retried with backoff; every try bounded by
+        ``timeout_s`` and all of them by ``deadline_s``. Raises UserError naming the URL."""
+        t0 = time.monotonic()
         for attempt in range(self.retries + 1):
+            left = self.deadline_s - (time.monotonic() - t0)
             try:
-                return fn()
+                if self._cancelled.is_set():
+                    raise Cancelled(self.url(name))
+                return self._request(method, self.url(name), min(self.timeout_s, left), **kw)
+            except (UserError, Cancelled):    # not a network failure (a missing package): never retried
+                raise
             except Exception as e:  # noqa: BLE001 - network errors come in many types (aiohttp, botocore, OSError)
                 if isinstance(e, FileNotFoundError) and _really_missing(e):
                     if missing_ok:
@@ -154,12 +203,20 @@ class Store:
                 if isinstance(e, PermissionError):
                     raise UserError(f"{self.url(name)}: {type(e).__name__} while {what}") from None
                 error = e.__cause__ if isinstance(e, FileNotFoundError) else e      # fsspec http's wrapping
-                if attempt == self.retries:
-                    raise UserError(f"{self.url(name)}: unreachable after {self.retries + 1} tries while {what} "
-                                    f"({type(error).__name__}: {str(error)[:160]})") from None
-                delay = self.backoff * 2 ** attempt
+                spent = time.monotonic() - t0
+                delay = min(self.backoff * 2 ** attempt, self.deadline_s - spent)
+                if attempt == self.retries or delay <= 0:
+                    raise UserError(f"{self.url(name)}: unreachable after {attempt + 1} tries in {spent:.1f} s while "
+                                    f"{what} ({type(error).__name__}: {str(error)[:160]}){self._bounds(error)}") from None
                 log.warning("%s: %s (%s); retrying in %.2f s", self.url(name), what, type(error).__name__, delay)
-                time.sleep(delay)
+                if self._cancelled.wait(delay):
+                    raise Cancelled(self.url(name)) from None
+
+    def _bounds(self, error: Exception) -> str:
+        if not isinstance(error, TimeoutError):
+            return ""
+        return (f"; a request may take data.timeout_s = {self.timeout_s:g} s, a read with its retries data.deadline_s "
+                f"= {self.deadline_s:g} s: check the server, or raise them")
 
     # ------------------------------------------------------------------------------------------ reading
     def size(self, name: str) -> int | None:
@@ -169,7 +226,7 @@ class Store:
             path = self.root / name
             return path.stat().st_size if path.is_file() else None
         try:
-            info = self._retry("asking its size", name, lambda: self.fs.info(self.url(name)), missing_ok=True)
+            info = self._retry("asking its size", name, "info", missing_ok=True)
         except FileNotFoundError:
             return None
         return int(info["size"])
@@ -180,17 +237,17 @@ class Store:
     def read_bytes(self, name: str) -> bytes:
         if not self.remote:
             return (self.root / name).read_bytes()
-        return self._retry("reading it", name, lambda: self.fs.cat_file(self.url(name)))
+        return self._retry("reading it", name, "cat_file")
 
-    def read_range(self, name: str, start: int, end: int) -> bytes:
-        """Bytes [start, end) of a shard. Thread-safe (pread locally, stateless range requests remotely)."""
+    def read_range(self, name: str, start: int, end: int, fresh: bool = False) -> bytes:
+        """Bytes [start, end) of a shard. Thread-safe (pread locally, stateless range requests remotely).
+        ``fresh``: fetch them again, not from the local cache (a copy that failed its checksum)."""
         if not self.remote:
             return os.pread(self._fd(name), end - start, start)
-        cached = self.cache.get(name, start, end) if self.cache is not None else None
+        cached = self.cache.get(name, start, end) if self.cache is not None and not fresh else None
         if cached is not None:
             return cached
-        data = self._retry(f"reading bytes {start}-{end}", name,
-                           lambda: self.fs.cat_file(self.url(name), start=start, end=end))
+        data = self._retry(f"reading bytes {start}-{end}", name, "cat_file", start=start, end=end)
         if self.cache is not None:
             self.cache.put(name, start, end, data)
         return data

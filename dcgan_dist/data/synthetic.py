@@ -142,11 +142,14 @@ def write_random_inception(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def serve_http(folder: Path, latency: float = 0.0, fail_first: int = 0):
+def serve_http(folder: Path, latency: float = 0.0, fail_first: int = 0, hang: bool = False,
+               corrupt_first: int = 0):
     """A plain HTTP server on 127.0.0.1 for ``folder`` that answers byte-range requests (206) and HEAD, with
     ``latency`` seconds added to every request, in a daemon thread: stands in for object storage / a CDN in
     tests and ``bench.py data --http``. The first ``fail_first`` range requests get a 503 (a flaky network).
-    Returns ``(base_url, server)``; ``server.requests`` counts requests, ``server.shutdown()`` stops it."""
+    ``hang``: range requests are accepted and never answered (until shutdown). The first ``corrupt_first`` range
+    answers have their last byte flipped (a transient corruption). Returns ``(base_url, server)``;
+    ``server.requests`` counts requests (``server.ranges`` range requests), ``server.shutdown()`` stops it."""
     import http.server
     import threading
     import time
@@ -174,6 +177,10 @@ def serve_http(folder: Path, latency: float = 0.0, fail_first: int = 0):
             size = path.stat().st_size
             start, end = 0, size                              # [start, end)
             ranged = self.headers.get("Range", "").startswith("bytes=")
+            self.server.ranges += ranged
+            if ranged and hang:
+                self.server.released.wait()
+                return
             if ranged and self.server.failures < fail_first:
                 self.server.failures += 1
                 self.send_error(503)
@@ -187,7 +194,14 @@ def serve_http(folder: Path, latency: float = 0.0, fail_first: int = 0):
             if ranged:
                 self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
             self.end_headers()
-            if body:
+            if body and ranged and self.server.corrupted < corrupt_first:
+                self.server.corrupted += 1
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    data = bytearray(f.read(end - start))
+                data[-1] ^= 0xFF
+                self.wfile.write(bytes(data))
+            elif body:
                 with open(path, "rb") as f:                    # zero-copy (os.sendfile), as real servers do
                     self.connection.sendfile(f, start, end - start)
 
@@ -198,9 +212,15 @@ def serve_http(folder: Path, latency: float = 0.0, fail_first: int = 0):
         def handle_error(self, request, client_address):    # a client closing its keep-alive connection
             pass
 
+        def shutdown(self):
+            self.released.set()
+            super().shutdown()
+            self.server_close()                       # later connections are refused, not left unanswered
+
     folder = Path(folder).resolve()
     server = Server(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
-    server.requests = server.failures = 0
+    server.requests = server.failures = server.ranges = server.corrupted = 0
+    server.released = threading.Event()
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return f"http://127.0.0.1:{server.server_address[1]}", server

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ..config import Config, flatten, to_toml
 from ..data import ShardLoader, to_device
 from ..data.shards import fingerprint
+from ..data.store import set_limits
 from ..errors import TrainingDiverged, UserError
 from ..eval import Dist, Evaluator
 from ..rng import isolated_rng
@@ -105,6 +106,7 @@ def train(cfg: Config) -> dict:
 
 def _train(cfg: Config, stop: StopRequest) -> dict:
     world = int(os.environ.get("WORLD_SIZE", 1))
+    set_limits(cfg.data.timeout_s, cfg.data.deadline_s)       # every remote read of this run is bounded
     manifest = preflight(cfg, world)
     main = int(os.environ.get("RANK", 0)) == 0
     check_trackers(cfg.log)
@@ -128,7 +130,7 @@ def _train(cfg: Config, stop: StopRequest) -> dict:
                              cfg.data.workers, cfg.train.seed, cfg.data.shuffle_window, state.loader_batches,
                              cfg.data.verify, cfg.data.resolution, cfg.data.channels,
                              pin_memory=acc.device.type == "cuda", manifest=manifest,
-                             cache_dir=cfg.data.cache_dir, cache_gb=cfg.data.cache_gb)
+                             cache_dir=cfg.data.cache_dir, cache_gb=cfg.data.cache_gb, stop=stop.reason)
         evaluator = Evaluator(cfg.eval, cfg.data.shards, manifest, Dist.from_accelerator(acc)) \
             if cfg.eval.every else None
         return _loop(acc, cfg, nets, state, loader, stop, wandb, evaluator)

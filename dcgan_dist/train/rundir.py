@@ -97,6 +97,11 @@ def roll_back(run_dir: Path, checkpoint: Path, step: int, complete: list[Path]) 
 BREAKING = {"train.batch_size": "the loader position means other batches",
             "train.seed": "the data order and the z stream change",
             "data.shuffle_window": "the data order changes",
+            # The epoch is cut into one slot per loader worker (loader.py): max(1, workers) decides the batches.
+            # Making the order independent of the worker count needs a reordering buffer of up to workers - 1
+            # shuffle windows per rank (issue 16 §7); until then the change is refused.
+            "data.workers": "the epoch is cut into one slot per loader worker, so another count means other batches; "
+                            "workers 0 and 1 are the same order",
             "world_size": "the loader position and the per-rank RNG streams mean other data",
             "data": "the shards hold other images"}
 
@@ -108,6 +113,9 @@ def compare(saved: dict, now: dict) -> tuple[list[str], list[str]]:
     safe, breaking = [], []
     for key in sorted(set(saved) | set(now)):
         if key in ignore or saved.get(key) == now.get(key) or key not in saved:
+            continue
+        if key == "data.workers" and max(1, saved[key]) == max(1, now.get(key, 1)):
+            safe.append(f"{key}: {saved[key]!r} -> {now.get(key)!r} (the same data order)")
             continue
         line = f"{key}: {saved.get(key)!r} -> {now.get(key)!r}"
         if key == "data":
