@@ -15,8 +15,8 @@ import pytest
 
 from conftest import ROOT
 from test_failures import LAUNCH, SLOW, run_cmd, tree, wait_gone
-from test_resume import RESUMABLE, STEPS, assert_bitwise_equal, env, final_weights, last_step, reference, \
-    wait_for_step  # noqa: F401 - reference is a fixture
+from test_resume import STEPS, assert_bitwise_equal, env, final_weights, last_step, reference, resumable, \
+    wait_for_step  # noqa: F401 - reference and resumable are fixtures
 
 WANDB_OFFLINE = ['log.wandb="offline"', 'log.trackers=["wandb"]']
 
@@ -143,7 +143,8 @@ def _node(tiny, tmp_path, machine_rank: int, port: int, *overrides):
 
 
 @pytest.mark.parametrize("signalled_node", [pytest.param(0, marks=pytest.mark.slow), 1])
-def test_two_nodes_stop_together_on_a_signal_to_either_and_resume_exactly(tiny, reference, tmp_path, signalled_node):
+def test_two_nodes_stop_together_on_a_signal_to_either_and_resume_exactly(tiny, reference, resumable, tmp_path,
+                                                                          signalled_node):
     """Two launchers as two machines on 127.0.0.1 (static rendezvous, as train_multinode.sbatch), one process
     each: a SIGTERM to either node's run.py stops both at one step after a checkpoint, both exit 75; resumed, the
     run ends bitwise equal to the same run never stopped on one node with two processes."""
@@ -151,7 +152,7 @@ def test_two_nodes_stop_together_on_a_signal_to_either_and_resume_exactly(tiny, 
 
     run = tmp_path / "tiny"
     port = get_torch_dist_unique_port()
-    nodes = [_node(tiny, tmp_path, r, port, *RESUMABLE) for r in (0, 1)]
+    nodes = [_node(tiny, tmp_path, r, port, *resumable) for r in (0, 1)]
     wait_for_step(nodes[0], run, 10)
     nodes[signalled_node].send_signal(signal.SIGTERM)
     outs = [n.communicate(timeout=120) for n in nodes]
@@ -161,7 +162,7 @@ def test_two_nodes_stop_together_on_a_signal_to_either_and_resume_exactly(tiny, 
     assert (run / "checkpoints" / f"step_{stopped:08d}").is_dir() and stopped < STEPS
 
     port = get_torch_dist_unique_port()
-    nodes = [_node(tiny, tmp_path, r, port, *RESUMABLE) for r in (0, 1)]
+    nodes = [_node(tiny, tmp_path, r, port, *resumable) for r in (0, 1)]
     outs = [n.communicate(timeout=300) for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
-    assert_bitwise_equal(final_weights(run), reference)
+    assert_bitwise_equal(final_weights(run), reference["weights"])

@@ -27,9 +27,20 @@ pytestmark = pytest.mark.slurm
 
 STEPS = 300
 STOP_AFTER = 60               # the stop request comes once the job has trained this many steps
+# the demo's settings (G_ema, raw grids, FID/KID and the 8x8 pixel measure during training, lr decay), W&B offline
 SETTINGS = [f"train.max_steps={STEPS}", "train.sync_every=1", "checkpoint.every=25", "log.every=1",
             "log.sample_every=50", "data.workers=1", "train.batch_size=32", "model.ngf=16", "model.ndf=16",
-            'log.wandb="offline"', 'log.trackers=["wandb"]']
+            'log.wandb="offline"', 'log.trackers=["wandb"]', "log.raw_grid=true", "eval.every=100", "eval.n=64",
+            "eval.batch_size=32", "eval.kid_subset_size=32", "eval.kid_subsets=2", "eval.native_resolution=8",
+            "optim.decay_from=0.5"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _eval_cache(classifier_cache):
+    """The session's digit classifier: not trained again by every job."""
+    SETTINGS.append(f'eval.cache_dir="{classifier_cache}"')
+    yield
+    SETTINGS.pop()
 CPU_NODE = ["--gpus-per-node=0", "--cpus-per-task=2"]        # the documented setting for nodes without GPUs
 
 
