@@ -1,6 +1,10 @@
 """The streaming loader: equal batches on every rank, coverage, exact resume, bad shards."""
 
 import itertools
+import os
+import shutil
+import subprocess
+import sys
 import logging
 from pathlib import Path
 
@@ -9,6 +13,7 @@ import pytest
 import torch
 
 import conftest
+from conftest import ROOT
 from dcgan_dist.data import ShardLoader, load_manifest, to_device
 from dcgan_dist.data.shards import MANIFEST, read_shards, write_json_atomic
 from dcgan_dist.data.synthetic import image_index, write_indexed_shards
@@ -283,3 +288,18 @@ def test_too_many_open_files_while_reading_a_shard_is_not_a_corrupt_chunk(tmp_pa
         next(iter(loader))
     assert loader.corrupt_chunks == 0
     loader.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="mounts a tiny /dev/shm in its own "
+                    "mount namespace (root, util-linux unshare)")
+def test_a_full_dev_shm_is_one_line_naming_it_never_a_hang(tiny, tmp_path):
+    """A 64 KiB /dev/shm (a container's default is 64 MiB) in a private mount namespace: the shared machine's is
+    untouched. Before: the worker's queue thread failed to allocate, the worker lived on, the trainer waited
+    forever."""
+    script = (f'mount -t tmpfs -o size=64k tmpfs /dev/shm && exec {sys.executable} {ROOT}/launch/train.py --config '
+              f'{tiny} --set runs_dir=\\"{tmp_path}\\" --set data.workers=2')
+    p = subprocess.run(["unshare", "--mount", "bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: shared memory (/dev/shm) is full: loader workers hand batches to the trainer")
+    assert last.endswith("or set data.workers = 0") and "Traceback" not in p.stderr

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..errors import StoppedWaiting, UserError
+from ..errors import StoppedWaiting, UserError, brief
 from .shards import fingerprint, load_manifest, read_chunk
 from .store import Store
 
@@ -98,6 +98,12 @@ class _ShardStream(IterableDataset):
             n = min(self.group, self.window_batches - b, self.batches_per_slot - t)
             x = torch.from_numpy(window[0][b * self.B:(b + n) * self.B])
             y = torch.from_numpy(window[1][b * self.B:(b + n) * self.B])
+            if info is not None:
+                try:      # here, not in the queue's feeder thread, where a full /dev/shm would hang the trainer
+                    x.share_memory_(), y.share_memory_()
+                except RuntimeError as e:
+                    yield None, None, g, shm_full(e)
+                    return
             yield x, y, g, corrupt
             corrupt = 0
             g += n * self.W
@@ -210,6 +216,12 @@ class _ShardStream(IterableDataset):
 
     def __getstate__(self):                # a worker gets its own threads
         return {**self.__dict__, "_pool": None, "_prefetcher": None, "_ahead": None}
+
+
+def shm_full(e: Exception) -> str:
+    """The one line for a worker that cannot put a batch into shared memory."""
+    return (f"shared memory (/dev/shm) is full: loader workers hand batches to the trainer through it ({brief(e, 160)}); "
+            f"free /dev/shm, give the container more (docker run --shm-size=2g), or set data.workers = 0")
 
 
 def check_fills(root, num_images: int, batch_size: int, world_size: int, num_workers: int) -> None:
