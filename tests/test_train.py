@@ -1,6 +1,7 @@
 """The trainer: rank agreement, reproducibility, gradient sync, W&B on rank 0, fp16 skips, config, sampling."""
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -120,12 +121,42 @@ def test_bf16_trains_and_resume_auto_continues_from_the_checkpoint(tiny, tmp_pat
         "step_00000003", "step_00000006", "step_00000008"]
 
 
+def test_auto_precision_is_fp32_on_a_cpu_bf16_on_ampere_fp16_on_older_gpus(monkeypatch):
+    from dcgan_dist.train.loop import resolve_precision
+
+    assert load_config(None).train.precision == "auto"
+    assert load_config("configs/lsun.toml").train.precision == "auto"         # the headline command
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(torch.version, "hip", None)
+    for capability, expected in (((7, 0), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        assert resolve_precision("auto", torch.device("cuda", 0)) == expected
+    assert resolve_precision("fp16", torch.device("cpu")) == "fp16"           # an explicit setting stays
+
+
+def test_auto_precision_runs_fp32_on_a_cpu_logs_it_and_resumes_an_fp32_checkpoint_unchanged(tiny, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    base = [f'runs_dir="{tmp_path}"', "checkpoint.every=2"]
+    train(load_config(tiny, base + ["train.max_steps=2", 'train.precision="fp32"']))
+    caplog.clear()
+    summary = train(load_config(tiny, base + ["train.max_steps=4"]))           # the default, "auto"
+    assert summary["step"] == 4
+    assert "precision: fp32 (train.precision = 'auto' on cpu)" in caplog.text
+    assert "train.precision:" not in caplog.text                               # auto -> fp32 is no change
+    saved = (tmp_path / "tiny" / "config.toml").read_text()
+    assert 'precision = "auto"\nprecision_resolved = "fp32"\n' in saved
+    assert saved in (tmp_path / "tiny" / "checkpoints" / "step_00000004" / "config.toml").read_text()
+    caplog.clear()
+    train(load_config(tiny, base + ["train.max_steps=6", 'train.precision="fp16"']))
+    assert "train.precision: 'fp32' -> 'fp16'" in caplog.text                 # a real change is still logged
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.batchsize=3", "unknown key 'train.batchsize'; did you mean 'train.batch_size'?"),
     ("trian.lr=1", "unknown key 'trian.lr'"),
     ("train.batch_size=1.5", "train.batch_size must be int, got float 1.5"),
     ("train.batch_size=0", "train.batch_size = 0: must be > 0"),
-    ("train.precision=fp8", "train.precision = 'fp8': must be one of fp32, bf16, fp16"),
+    ("train.precision=fp8", "train.precision = 'fp8': must be one of auto, fp32, bf16, fp16"),
     ("loss.real_label=1.2", "loss.real_label = 1.2: must be between 0 and 1"),
     ("model.init_g=1", "model.init_g must be bool, got int 1"),
     ("train.seed", "expected section.key=value"),
@@ -162,6 +193,8 @@ def test_dry_run_prints_config_data_and_parameter_counts(tiny, cli, tmp_path):
     assert 'batch_size = 16' in p.stdout and "1797 images, 32 px, 1 ch" in p.stdout
     # G: 16*32*16 + 64 + 32*16*16 + 32 + 16*8*16 + 16 + 8*16;  D: 16*8 + 8*16*16 + 32 + 16*32*16 + 64 + 32*16
     assert "# generator: 18,672 parameters; discriminator: 10,976 parameters" in p.stdout
+    assert 'precision = "auto"\nprecision_resolved = "fp32"\n' in p.stdout   # on this CPU
+    assert "# precision: fp32 (train.precision = 'auto' on cpu)" in p.stdout
     assert not (tmp_path / "tiny").exists()                                   # nothing trained or written
     p = cli("train.py", "--config", tiny, "--dry-run", "--set", "data.resolution=64", check=False)
     assert p.returncode == 2 and "resolution 32 but the run asks for 64" in p.stderr
