@@ -44,11 +44,16 @@ def launcher_gone(e: Exception | None = None) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="TOML file (see configs/); defaults fill what it leaves out")
+    p.add_argument("--config", help="TOML file (see configs/; required); defaults fill what it leaves out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set train.batch_size=64 (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config, data and model sizes; exit")
     a = p.parse_args(argv)
+    if a.config is None:                  # the built-in defaults alone are no run anyone means (64 px, data/digits)
+        if MAIN:
+            p.print_usage(sys.stderr)
+        return finish(EXIT_USER_ERROR, "error: no --config given; name one of configs/*.toml, e.g. "
+                                       "python launch/train.py --config configs/digits.toml")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if UNDER_LAUNCHER:
         die_with_parent()                     # the launcher's death is a stop request; see also STOP.orphaned

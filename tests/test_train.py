@@ -174,6 +174,15 @@ def test_config_mistakes_name_the_key(override, message):
     assert message in str(e.value)
 
 
+def test_train_without_config_prints_usage_and_exits_2(cli):
+    p = cli("train.py", check=False)
+    assert p.returncode == 2 and p.stdout == ""
+    lines = p.stderr.splitlines()
+    assert lines[0].startswith("usage: train.py [-h] [--config CONFIG]")
+    assert lines[-1] == ("error: no --config given; name one of configs/*.toml, e.g. "
+                         "python launch/train.py --config configs/digits.toml")
+
+
 def test_config_file_unknown_key_and_cli_errors(tmp_path, cli):
     bad = tmp_path / "bad.toml"
     bad.write_text("[model]\nnfg = 64\n")
