@@ -7,6 +7,9 @@ Settings come from the checkpoint's config.toml ([eval], data.shards); --shards 
 The first evaluation of a shard set computes its reference statistics and caches them (eval.cache_dir).
 """
 
+if __name__ == "__main__":
+    import _deps  # noqa: F401 - first: without the project's packages, one line on how to get them
+
 import argparse
 import json
 import logging

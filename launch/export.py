@@ -9,6 +9,9 @@ The folder holds model.safetensors and config.json (the huggingface_hub mixin co
   from dcgan_dist.models import Generator; g = Generator.from_pretrained("exported/digits")
 """
 
+if __name__ == "__main__":
+    import _deps  # noqa: F401 - first: without the project's packages, one line on how to get them
+
 import argparse
 import json
 import os

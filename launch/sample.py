@@ -6,6 +6,9 @@
 G_ema (the moving average of G, model.ema) is used when the checkpoint has it; --raw samples the raw G.
 """
 
+if __name__ == "__main__":
+    import _deps  # noqa: F401 - first: without the project's packages, one line on how to get them
+
 import argparse
 import sys
 from pathlib import Path

@@ -5,6 +5,9 @@ For a clean one-line outcome and a meaningful exit code under a launcher, use la
 checkpoint (run again to continue; 0 under a launcher, whose wrapper reads the outcome file), 1 crash.
 """
 
+if __name__ == "__main__":
+    import _deps  # noqa: F401 - first: without the project's packages, one line on how to get them
+
 from dcgan_dist.runtime import STOP  # noqa: I001 - first: a stop signal during the imports below is kept
 
 STOP.install()

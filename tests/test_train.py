@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +182,22 @@ def test_train_without_config_prints_usage_and_exits_2(cli):
     assert lines[0].startswith("usage: train.py [-h] [--config CONFIG]")
     assert lines[-1] == ("error: no --config given; name one of configs/*.toml, e.g. "
                          "python launch/train.py --config configs/digits.toml")
+
+
+def test_entry_points_without_the_packages_say_in_one_line_how_to_get_them(tmp_path):
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    root = Path(__file__).resolve().parents[1]
+    for script in ("train.py", "sample.py", "evaluate.py", "export.py", "prepare_data.py", "bench.py"):
+        p = subprocess.run([str(tmp_path / "bare" / "bin" / "python"), f"launch/{script}", "--config", "configs/digits.toml"],
+                           capture_output=True, text=True, cwd=root, env=env, timeout=60)
+        assert (p.returncode, p.stdout, p.stderr.count("\n")) == (2, "", 1), (script, p.stderr)
+        assert p.stderr == (f"error: {tmp_path / 'bare' / 'bin' / 'python'} cannot import dcgan_dist, torch, torchvision "
+                            f"and 12 more (the project's packages): activate the project's virtual env (source "
+                            f".venv/bin/activate) or install the project into this Python (pip install -e .)\n")
 
 
 def test_config_file_unknown_key_and_cli_errors(tmp_path, cli):
