@@ -35,6 +35,8 @@ def main(argv=None) -> int:
                    help="override an [eval] setting, e.g. --set eval.features=inception")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not os.environ.get("ACCELERATE_LOG_LEVEL"):      # accelerate's own INFO lines on request only
+        logging.getLogger("accelerate").setLevel(logging.WARNING)
     if "LOCAL_RANK" in os.environ:
         die_with_parent()
     try:

@@ -58,6 +58,8 @@ def main(argv=None) -> int:
         return finish(EXIT_USER_ERROR, "error: no --config given; name one of configs/*.toml, e.g. "
                                        "python launch/train.py --config configs/digits.toml")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not os.environ.get("ACCELERATE_LOG_LEVEL"):      # accelerate's own INFO lines (~84 in the demo) on request only
+        logging.getLogger("accelerate").setLevel(logging.WARNING)
     if UNDER_LAUNCHER:
         die_with_parent()                     # the launcher's death is a stop request; see also STOP.orphaned
     try:

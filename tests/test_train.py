@@ -86,6 +86,18 @@ def test_two_process_offline_run_makes_one_wandb_run_and_rank0_outputs(tiny, tmp
     assert grid.shape[:2] == (2 * 34 + 2, 8 * 34 + 2)              # 16 samples, 8 per row, 2-px padding
 
 
+def test_a_two_process_run_under_plain_accelerate_launch_is_quiet(tiny, tmp_path):
+    from conftest import ROOT, accelerate_launch
+
+    p = accelerate_launch(ROOT / "launch" / "train.py", "--config", tiny, "--set", f'runs_dir="{tmp_path}"',
+                          "--set", "checkpoint.every=2", "--set", "train.max_steps=4")
+    assert sorted(q.name for q in (tmp_path / "tiny" / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    assert "INFO dcgan_dist: precision: fp32 (train.precision = 'auto' on cpu)" in p.stderr
+    assert "INFO accelerate" not in p.stderr                  # ~20 lines per checkpoint before
+    assert "FutureWarning" not in p.stderr and "broadcast_buffers" not in p.stderr   # DDP's deprecated argument
+    assert p.stdout.splitlines()[-1] == f"done: step 4, epoch 0, run in {tmp_path / 'tiny'}"
+
+
 def test_fp16_overflow_is_skipped_counted_and_training_goes_on(tiny, tmp_path):
     cfg = load_config(tiny, [f'runs_dir="{tmp_path}"', 'train.precision="fp16"', "train.fp16_init_scale=1099511627776.0",
                              "train.max_steps=30", "log.every=1", "log.sample_every=30"])

@@ -16,7 +16,7 @@ else:  # pragma: no cover
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm import tqdm
 
 from ..config import Config, flatten, to_toml
@@ -81,8 +81,17 @@ def _accelerator(cfg: Config, wandb: str) -> Accelerator:
         log_with=trackers(cfg.log, wandb) or None,
         project_config=ProjectConfiguration(project_dir=str(cfg.run_dir),
                                             logging_dir=str(cfg.run_dir / "tensorboard")),
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=cfg.train.broadcast_buffers)],
     )
+
+
+def _buffer_sync(net: torch.nn.Module, on: bool) -> None:
+    """DDP's buffer broadcast before each forward (train.broadcast_buffers; off: D's BatchNorm sees two forwards
+    before one backward and an in-place broadcast between them breaks autograd, StyleGAN2-ADA's choice). Set on
+    the wrapper: DDP's broadcast_buffers argument is deprecated (torch 2.13) and its replacement,
+    forward_sync_buffers, is not among Accelerate's DDP kwargs. Unlike broadcast_buffers=False, buffers are still
+    broadcast once when wrapped: harmless, every rank has just built the same models from the same seed."""
+    if isinstance(net, torch.nn.parallel.DistributedDataParallel):
+        setattr(net, "forward_sync_buffers" if hasattr(net, "forward_sync_buffers") else "broadcast_buffers", on)
 
 
 def build(acc: Accelerator, cfg: Config) -> Nets:
@@ -98,6 +107,8 @@ def build(acc: Accelerator, cfg: Config) -> Nets:
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_g, betas=betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d, betas=betas)
     G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)       # order fixed: checkpoint files by position
+    for net in (G, D):
+        _buffer_sync(net, cfg.train.broadcast_buffers)
     ema = EMA(acc.unwrap_model(G), cfg.model.ema_kimg, cfg.model.ema_rampup) if cfg.model.ema else None
     if cfg.train.compile:
         G, D = torch.compile(G), torch.compile(D)
