@@ -66,7 +66,8 @@ def main(argv=None) -> int:
         cfg = load_config(a.config, a.set)
         if a.dry_run:
             from dcgan_dist.train import describe
-            print(describe(cfg), end="")
+            for part in describe(cfg):        # the config first: a data error comes after it, last
+                print(part, end="", flush=True)
             return 0
         from dcgan_dist.train import train
         summary = train(cfg)

@@ -236,6 +236,9 @@ def test_dry_run_prints_config_data_and_parameter_counts(tiny, cli, tmp_path):
     assert not (tmp_path / "tiny").exists()                                   # nothing trained or written
     p = cli("train.py", "--config", tiny, "--dry-run", "--set", "data.resolution=64", check=False)
     assert p.returncode == 2 and "resolution 32 but the run asks for 64" in p.stderr
+    assert "[data]\nshards = " in p.stdout and "resolution = 64\n" in p.stdout    # the config, before the error
+    assert p.stdout.endswith("# precision: fp32 (train.precision = 'auto' on cpu)\n")
+    assert p.stderr.splitlines()[-1].startswith("error: ") and "resolution 32 but the run asks for 64" in p.stderr.splitlines()[-1]
     p = cli("train.py", "--config", tiny, "--dry-run", "--set", "train.batch_size=1000", check=False,
             env={"WORLD_SIZE": "2"})
     assert p.returncode == 2 and "1797 images cannot fill one batch of 1000 for each of 2 ranks x 1 loader" in p.stderr

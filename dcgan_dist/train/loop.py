@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -59,19 +60,20 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def describe(cfg: Config) -> str:
-    """What --dry-run prints: resolved config, data summary, parameter counts."""
+def describe(cfg: Config) -> Iterator[str]:
+    """What --dry-run prints, in two parts: the resolved config (always), then the data summary, parameter counts
+    and trackers, whose checks may raise a UserError (so the config is shown before a data error)."""
     device = _device()
     cfg.train.precision_resolved = resolve_precision(cfg.train.precision, device)
+    yield f"{to_toml(cfg)}\n# {_precision_line(cfg, device)}\n"
     m = preflight(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     g, d = build_models(cfg)
     wandb = run_wandb_mode(cfg.log)                  # once: it may wait for W&B to answer
-    return (f"{to_toml(cfg)}\n# {_precision_line(cfg, device)}\n"
-            f"# data: {cfg.data.shards}: {m['num_images']} images, {m['resolution']} px, {m['channels']} ch, "
-            f"{len(m['shards'])} shards, source {m.get('source')}, classes {m.get('class_names')}\n"
-            f"# generator: {count_parameters(g):,} parameters; discriminator: {count_parameters(d):,} parameters\n"
-            f"# trackers: {', '.join(trackers(cfg.log, wandb)) or 'none'} (W&B mode {wandb}, "
-            f"log.wandb = {cfg.log.wandb!r})\n")
+    yield (f"# data: {cfg.data.shards}: {m['num_images']} images, {m['resolution']} px, {m['channels']} ch, "
+           f"{len(m['shards'])} shards, source {m.get('source')}, classes {m.get('class_names')}\n"
+           f"# generator: {count_parameters(g):,} parameters; discriminator: {count_parameters(d):,} parameters\n"
+           f"# trackers: {', '.join(trackers(cfg.log, wandb)) or 'none'} (W&B mode {wandb}, "
+           f"log.wandb = {cfg.log.wandb!r})\n")
 
 
 def _accelerator(cfg: Config, wandb: str) -> Accelerator:
