@@ -253,6 +253,9 @@ def test_sample_writes_n_images_and_a_grid(tiny, tmp_path, cli):
     x = np.stack([np.asarray(Image.open(f)) for f in files])
     assert x.shape[1:3] == (32, 32) and x.dtype == np.uint8 and x.max() > x.min()
     assert Image.open(tmp_path / "g.png").size == (3 * 34 + 2, 2 * 34 + 2)
+    p = cli("sample.py", "--checkpoint", ckpt, "--n", 4, "--out", tmp_path / "s2", "--grid", "grid.png")  # cwd: ROOT
+    assert Image.open(tmp_path / "s2" / "grid.png").size == (2 * 34 + 2, 2 * 34 + 2)        # beside the samples
+    assert p.stdout.strip().endswith(f"and a grid to {tmp_path / 's2' / 'grid.png'}")
     p = cli("sample.py", "--checkpoint", tmp_path, "--n", 1, "--out", tmp_path / "t", check=False)
     assert p.returncode == 2 and "not a complete checkpoint" in p.stderr
 
