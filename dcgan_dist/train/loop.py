@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -341,9 +342,10 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
     summary = _summary(acc, cfg, nets, state, stopped_by, epoch=loader.epoch, wandb_mode=wandb)
     if main:
         write_gif(run_dir / "samples")
-        offline_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
-        if wandb == "offline" and offline_runs:
-            summary["sync_command"] = f"wandb sync {offline_runs[-1]}"
+        # Every job segment of the run wrote its own offline-run-<time>-<id> folder, all with the run's one id
+        # (kept in the checkpoint): the command names them all (wandb sync uploads one id's in start-time order).
+        if wandb == "offline" and state.wandb_id and list((run_dir / "wandb").glob(f"offline-run-*-{state.wandb_id}")):
+            summary["sync_command"] = f"wandb sync {shlex.quote(str(run_dir / 'wandb'))}/offline-run-*-{state.wandb_id}"
     tracked.finish()
     acc.end_training()
     return summary
