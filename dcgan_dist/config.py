@@ -74,7 +74,11 @@ class TrainConfig:
     max_steps: int = 10000               # G updates
     max_epochs: int = 0                  # stop after this many epochs too (0: no limit)
     seed: int = 0
-    precision: str = "fp32"              # fp32 | bf16 | fp16 (loss-scaled); wins over accelerate's flag
+    precision: str = "auto"              # auto | fp32 | bf16 | fp16 (loss-scaled); wins over accelerate's flag.
+                                         # auto: bf16 on a GPU with bf16 units (compute capability 8.0+), fp16
+                                         # on older GPUs, fp32 on a CPU (where autocast is far slower)
+    precision_resolved: str = ""         # set by the trainer: the precision the run uses (what auto became on
+                                         # its device); written to config.toml and W&B; a value given is replaced
     fp16_init_scale: float = 65536.0     # initial loss scale of each network's GradScaler
     channels_last: bool = True
     compile: bool = False                # torch.compile G and D
@@ -146,7 +150,8 @@ class Config:
 
 CHOICES = {
     "data.resolution": (32, 64, 128), "data.channels": (1, 3), "data.verify": ("size", "sha256", "none"),
-    "loss.kind": ("bce", "hinge", "lsgan"), "train.precision": ("fp32", "bf16", "fp16"),
+    "loss.kind": ("bce", "hinge", "lsgan"), "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.precision_resolved": ("", "fp32", "bf16", "fp16"),
     "log.wandb": ("online", "offline", "disabled", "auto"), "eval.features": ("auto", "inception", "classifier"),
 }
 TRACKERS = ("wandb", "tensorboard")

@@ -19,6 +19,9 @@
 
 from __future__ import annotations
 
+if __name__ == "__main__":
+    import _deps  # noqa: F401 - first: without the project's packages, one line on how to get them
+
 import argparse
 import itertools
 import sys

@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
+command -v "$PY" >/dev/null || { echo "error: no $PY on PATH: activate the project's virtual env (source .venv/bin/activate)" \
+    "or create it (python3 -m venv .venv && . .venv/bin/activate && pip install -e .)" >&2; exit 2; }
 [ -f data/digits/manifest.json ] || "$PY" launch/prepare_data.py digits --out data/digits --resolution 32 --quiet
 n=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 [ "$n" -ge 1 ] || n=2

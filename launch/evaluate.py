@@ -7,6 +7,9 @@ Settings come from the checkpoint's config.toml ([eval], data.shards); --shards 
 The first evaluation of a shard set computes its reference statistics and caches them (eval.cache_dir).
 """
 
+if __name__ == "__main__":
+    import _deps  # noqa: F401 - first: without the project's packages, one line on how to get them
+
 import argparse
 import json
 import logging
@@ -32,6 +35,8 @@ def main(argv=None) -> int:
                    help="override an [eval] setting, e.g. --set eval.features=inception")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not os.environ.get("ACCELERATE_LOG_LEVEL"):      # accelerate's own INFO lines on request only
+        logging.getLogger("accelerate").setLevel(logging.WARNING)
     if "LOCAL_RANK" in os.environ:
         die_with_parent()
     try:

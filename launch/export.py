@@ -9,6 +9,9 @@ The folder holds model.safetensors and config.json (the huggingface_hub mixin co
   from dcgan_dist.models import Generator; g = Generator.from_pretrained("exported/digits")
 """
 
+if __name__ == "__main__":
+    import _deps  # noqa: F401 - first: without the project's packages, one line on how to get them
+
 import argparse
 import json
 import os
@@ -112,6 +115,8 @@ def main(argv=None) -> int:
             step=step, shards=cfg.data.shards, resolution=cfg.data.resolution, channels=cfg.data.channels,
             plural="" if cfg.data.channels == 1 else "s", latent=cfg.model.latent,
             repo=a.push_to_hub or a.out, metrics=run_metrics(a.checkpoint.parent.parent, step)))
+        for f in tmp.iterdir():                          # safetensors writes 0600; the folder is meant to be shared
+            f.chmod(0o666 & ~umask)
         if a.out.exists():
             shutil.rmtree(a.out)
         tmp.rename(a.out)

@@ -1,5 +1,8 @@
 """Convert a public dataset into training shards: python launch/prepare_data.py SOURCE --out DIR [options]."""
 
+if __name__ == "__main__":
+    import _deps  # noqa: F401 - first: without the project's packages, one line on how to get them
+
 import argparse
 import os
 import sys

@@ -6,6 +6,9 @@
 G_ema (the moving average of G, model.ema) is used when the checkpoint has it; --raw samples the raw G.
 """
 
+if __name__ == "__main__":
+    import _deps  # noqa: F401 - first: without the project's packages, one line on how to get them
+
 import argparse
 import sys
 from pathlib import Path
@@ -65,7 +68,8 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--n", type=int, default=64, help="images (with --interpolate: walks, one per grid row)")
     p.add_argument("--out", type=Path, required=True, help="folder for the PNGs")
-    p.add_argument("--grid", type=Path, help="also write all samples as one grid image")
+    p.add_argument("--grid", type=Path, help="also write all samples as one grid image; a relative path is "
+                                              "inside --out (--grid grid.png: OUT/grid.png)")
     p.add_argument("--interpolate", type=int, metavar="K", help="latent walks of K images each (slerp), PNG + GIF")
     p.add_argument("--raw", action="store_true", help="sample the raw G, not G_ema")
     p.add_argument("--seed", type=int, default=0)
@@ -91,6 +95,7 @@ def main(argv=None) -> int:
         for i, img in enumerate(images):
             save_image(img, a.out / f"sample_{i:05d}.png")
         if a.grid:
+            a.grid = a.out / a.grid                      # an absolute --grid stays as it is
             save_image(images, a.grid, nrow=int(a.n ** 0.5 + 0.999))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -5,6 +5,9 @@ For a clean one-line outcome and a meaningful exit code under a launcher, use la
 checkpoint (run again to continue; 0 under a launcher, whose wrapper reads the outcome file), 1 crash.
 """
 
+if __name__ == "__main__":
+    import _deps  # noqa: F401 - first: without the project's packages, one line on how to get them
+
 from dcgan_dist.runtime import STOP  # noqa: I001 - first: a stop signal during the imports below is kept
 
 STOP.install()
@@ -44,19 +47,27 @@ def launcher_gone(e: Exception | None = None) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="TOML file (see configs/); defaults fill what it leaves out")
+    p.add_argument("--config", help="TOML file (see configs/; required); defaults fill what it leaves out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set train.batch_size=64 (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config, data and model sizes; exit")
     a = p.parse_args(argv)
+    if a.config is None:                  # the built-in defaults alone are no run anyone means (64 px, data/digits)
+        if MAIN:
+            p.print_usage(sys.stderr)
+        return finish(EXIT_USER_ERROR, "error: no --config given; name one of configs/*.toml, e.g. "
+                                       "python launch/train.py --config configs/digits.toml")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not os.environ.get("ACCELERATE_LOG_LEVEL"):      # accelerate's own INFO lines (~84 in the demo) on request only
+        logging.getLogger("accelerate").setLevel(logging.WARNING)
     if UNDER_LAUNCHER:
         die_with_parent()                     # the launcher's death is a stop request; see also STOP.orphaned
     try:
         cfg = load_config(a.config, a.set)
         if a.dry_run:
             from dcgan_dist.train import describe
-            print(describe(cfg), end="")
+            for part in describe(cfg):        # the config first: a data error comes after it, last
+                print(part, end="", flush=True)
             return 0
         from dcgan_dist.train import train
         summary = train(cfg)

@@ -4,11 +4,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dcgan_dist.data.prepare import PrepareOptions, prepare
 from dcgan_dist.data.sources import open_source
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# One torch thread per process, in the test process and (through the environment) in every process a test
+# starts, unless OMP_NUM_THREADS says otherwise. Torch's default, a thread per core, oversubscribes a shared
+# 2-core machine: each parallel region waits for all its threads, so N busy processes x 2 threads crawl (the
+# classifier fixture passed the 300 s timeout at load ~10). The ranks that accelerate launch starts had one
+# thread already; the digit classifier trains on one thread whatever the process has.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def run_cli(script: str, *args, check: bool = True, env: dict | None = None, timeout: int = 300):

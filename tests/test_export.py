@@ -96,6 +96,8 @@ def test_export_never_deletes_what_it_did_not_create(checkpoint, tmp_path, capsy
     assert (mine / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "exported.tmp"]   # no temporary left behind
     assert (out / "model.safetensors").is_file() and oct(out.stat().st_mode & 0o777) == oct(0o777 & ~0o022)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {   # readable by others, as the folder
+        name: oct(0o666 & ~0o022) for name in export.EXPORTED}
     capsys.readouterr()
 
     run = tmp_path / "run"

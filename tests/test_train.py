@@ -1,6 +1,8 @@
 """The trainer: rank agreement, reproducibility, gradient sync, W&B on rank 0, fp16 skips, config, sampling."""
 
 import json
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +86,18 @@ def test_two_process_offline_run_makes_one_wandb_run_and_rank0_outputs(tiny, tmp
     assert grid.shape[:2] == (2 * 34 + 2, 8 * 34 + 2)              # 16 samples, 8 per row, 2-px padding
 
 
+def test_a_two_process_run_under_plain_accelerate_launch_is_quiet(tiny, tmp_path):
+    from conftest import ROOT, accelerate_launch
+
+    p = accelerate_launch(ROOT / "launch" / "train.py", "--config", tiny, "--set", f'runs_dir="{tmp_path}"',
+                          "--set", "checkpoint.every=2", "--set", "train.max_steps=4")
+    assert sorted(q.name for q in (tmp_path / "tiny" / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    assert "INFO dcgan_dist: precision: fp32 (train.precision = 'auto' on cpu)" in p.stderr
+    assert "INFO accelerate" not in p.stderr                  # ~20 lines per checkpoint before
+    assert "FutureWarning" not in p.stderr and "broadcast_buffers" not in p.stderr   # DDP's deprecated argument
+    assert p.stdout.splitlines()[-1] == f"done: step 4, epoch 0, run in {tmp_path / 'tiny'}"
+
+
 def test_fp16_overflow_is_skipped_counted_and_training_goes_on(tiny, tmp_path):
     cfg = load_config(tiny, [f'runs_dir="{tmp_path}"', 'train.precision="fp16"', "train.fp16_init_scale=1099511627776.0",
                              "train.max_steps=30", "log.every=1", "log.sample_every=30"])
@@ -120,12 +134,42 @@ def test_bf16_trains_and_resume_auto_continues_from_the_checkpoint(tiny, tmp_pat
         "step_00000003", "step_00000006", "step_00000008"]
 
 
+def test_auto_precision_is_fp32_on_a_cpu_bf16_on_ampere_fp16_on_older_gpus(monkeypatch):
+    from dcgan_dist.train.loop import resolve_precision
+
+    assert load_config(None).train.precision == "auto"
+    assert load_config("configs/lsun.toml").train.precision == "auto"         # the headline command
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(torch.version, "hip", None)
+    for capability, expected in (((7, 0), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        assert resolve_precision("auto", torch.device("cuda", 0)) == expected
+    assert resolve_precision("fp16", torch.device("cpu")) == "fp16"           # an explicit setting stays
+
+
+def test_auto_precision_runs_fp32_on_a_cpu_logs_it_and_resumes_an_fp32_checkpoint_unchanged(tiny, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    base = [f'runs_dir="{tmp_path}"', "checkpoint.every=2"]
+    train(load_config(tiny, base + ["train.max_steps=2", 'train.precision="fp32"']))
+    caplog.clear()
+    summary = train(load_config(tiny, base + ["train.max_steps=4"]))           # the default, "auto"
+    assert summary["step"] == 4
+    assert "precision: fp32 (train.precision = 'auto' on cpu)" in caplog.text
+    assert "train.precision:" not in caplog.text                               # auto -> fp32 is no change
+    saved = (tmp_path / "tiny" / "config.toml").read_text()
+    assert 'precision = "auto"\nprecision_resolved = "fp32"\n' in saved
+    assert saved in (tmp_path / "tiny" / "checkpoints" / "step_00000004" / "config.toml").read_text()
+    caplog.clear()
+    train(load_config(tiny, base + ["train.max_steps=6", 'train.precision="fp16"']))
+    assert "train.precision: 'fp32' -> 'fp16'" in caplog.text                 # a real change is still logged
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.batchsize=3", "unknown key 'train.batchsize'; did you mean 'train.batch_size'?"),
     ("trian.lr=1", "unknown key 'trian.lr'"),
     ("train.batch_size=1.5", "train.batch_size must be int, got float 1.5"),
     ("train.batch_size=0", "train.batch_size = 0: must be > 0"),
-    ("train.precision=fp8", "train.precision = 'fp8': must be one of fp32, bf16, fp16"),
+    ("train.precision=fp8", "train.precision = 'fp8': must be one of auto, fp32, bf16, fp16"),
     ("loss.real_label=1.2", "loss.real_label = 1.2: must be between 0 and 1"),
     ("model.init_g=1", "model.init_g must be bool, got int 1"),
     ("train.seed", "expected section.key=value"),
@@ -141,6 +185,31 @@ def test_config_mistakes_name_the_key(override, message):
     with pytest.raises(UserError) as e:
         load_config(None, [override])
     assert message in str(e.value)
+
+
+def test_train_without_config_prints_usage_and_exits_2(cli):
+    p = cli("train.py", check=False)
+    assert p.returncode == 2 and p.stdout == ""
+    lines = p.stderr.splitlines()
+    assert lines[0].startswith("usage: train.py [-h] [--config CONFIG]")
+    assert lines[-1] == ("error: no --config given; name one of configs/*.toml, e.g. "
+                         "python launch/train.py --config configs/digits.toml")
+
+
+def test_entry_points_without_the_packages_say_in_one_line_how_to_get_them(tmp_path):
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    root = Path(__file__).resolve().parents[1]
+    for script in ("train.py", "sample.py", "evaluate.py", "export.py", "prepare_data.py", "bench.py"):
+        p = subprocess.run([str(tmp_path / "bare" / "bin" / "python"), f"launch/{script}", "--config", "configs/digits.toml"],
+                           capture_output=True, text=True, cwd=root, env=env, timeout=60)
+        assert (p.returncode, p.stdout, p.stderr.count("\n")) == (2, "", 1), (script, p.stderr)
+        assert p.stderr == (f"error: {tmp_path / 'bare' / 'bin' / 'python'} cannot import dcgan_dist, torch, torchvision "
+                            f"and 12 more (the project's packages): activate the project's virtual env (source "
+                            f".venv/bin/activate) or install the project into this Python (pip install -e .)\n")
 
 
 def test_config_file_unknown_key_and_cli_errors(tmp_path, cli):
@@ -162,9 +231,14 @@ def test_dry_run_prints_config_data_and_parameter_counts(tiny, cli, tmp_path):
     assert 'batch_size = 16' in p.stdout and "1797 images, 32 px, 1 ch" in p.stdout
     # G: 16*32*16 + 64 + 32*16*16 + 32 + 16*8*16 + 16 + 8*16;  D: 16*8 + 8*16*16 + 32 + 16*32*16 + 64 + 32*16
     assert "# generator: 18,672 parameters; discriminator: 10,976 parameters" in p.stdout
+    assert 'precision = "auto"\nprecision_resolved = "fp32"\n' in p.stdout   # on this CPU
+    assert "# precision: fp32 (train.precision = 'auto' on cpu)" in p.stdout
     assert not (tmp_path / "tiny").exists()                                   # nothing trained or written
     p = cli("train.py", "--config", tiny, "--dry-run", "--set", "data.resolution=64", check=False)
     assert p.returncode == 2 and "resolution 32 but the run asks for 64" in p.stderr
+    assert "[data]\nshards = " in p.stdout and "resolution = 64\n" in p.stdout    # the config, before the error
+    assert p.stdout.endswith("# precision: fp32 (train.precision = 'auto' on cpu)\n")
+    assert p.stderr.splitlines()[-1].startswith("error: ") and "resolution 32 but the run asks for 64" in p.stderr.splitlines()[-1]
     p = cli("train.py", "--config", tiny, "--dry-run", "--set", "train.batch_size=1000", check=False,
             env={"WORLD_SIZE": "2"})
     assert p.returncode == 2 and "1797 images cannot fill one batch of 1000 for each of 2 ranks x 1 loader" in p.stderr
@@ -179,6 +253,9 @@ def test_sample_writes_n_images_and_a_grid(tiny, tmp_path, cli):
     x = np.stack([np.asarray(Image.open(f)) for f in files])
     assert x.shape[1:3] == (32, 32) and x.dtype == np.uint8 and x.max() > x.min()
     assert Image.open(tmp_path / "g.png").size == (3 * 34 + 2, 2 * 34 + 2)
+    p = cli("sample.py", "--checkpoint", ckpt, "--n", 4, "--out", tmp_path / "s2", "--grid", "grid.png")  # cwd: ROOT
+    assert Image.open(tmp_path / "s2" / "grid.png").size == (2 * 34 + 2, 2 * 34 + 2)        # beside the samples
+    assert p.stdout.strip().endswith(f"and a grid to {tmp_path / 's2' / 'grid.png'}")
     p = cli("sample.py", "--checkpoint", tmp_path, "--n", 1, "--out", tmp_path / "t", check=False)
     assert p.returncode == 2 and "not a complete checkpoint" in p.stderr
 

@@ -118,3 +118,28 @@ def test_explicit_online_without_network_is_one_line_on_every_rank_before_traini
     assert p.stderr.strip().splitlines()[-1].startswith(message)
     assert p.stderr.count(message) == 1 and "Traceback" not in p.stderr and "FAILED" not in p.stderr
     assert not (tmp_path / "tiny" / "checkpoints").exists()     # nothing started
+
+
+def test_offline_segments_of_a_resumed_run_share_one_id_and_the_sync_command_names_them_all(tiny, tmp_path, cli):
+    """What wandb's own offline tools show of a run stopped and resumed (two job segments, W&B offline)."""
+    import glob
+    import json
+    import sys
+    from pathlib import Path
+
+    args = ["--config", tiny, "--set", f'runs_dir="{tmp_path}"', "--set", 'log.wandb="offline"',
+            "--set", "checkpoint.every=2"]
+    first = cli("train.py", *args, "--set", "train.max_steps=4", env={"WANDB_SILENT": "true"})
+    second = cli("train.py", *args, "--set", "train.max_steps=6", env={"WANDB_SILENT": "true"})
+    run = tmp_path / "tiny"
+    wandb_id = json.loads((run / "checkpoints" / "step_00000006" / "train_state.json").read_text())["wandb_id"]
+    segments = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(segments) == 2 and all(s.name.endswith(f"-{wandb_id}") for s in segments)     # one id, two folders
+    assert all((s / f"run-{wandb_id}.wandb").is_file() for s in segments)
+    command = f"wandb sync {run / 'wandb'}/offline-run-*-{wandb_id}"
+    assert first.stdout.splitlines()[-2] == second.stdout.splitlines()[-2] == f"W&B ran offline; upload with: {command}"
+    assert sorted(glob.glob(command.split(" ", 2)[2])) == [str(s) for s in segments]
+    p = subprocess.run([str(Path(sys.executable).parent / "wandb"), "sync", "--dry-run", *map(str, segments)],
+                       capture_output=True, text=True, timeout=120)
+    listed = [line.split()[-1] for line in (p.stdout + p.stderr).splitlines() if line.strip().endswith(".wandb")]
+    assert listed == [str(s / f"run-{wandb_id}.wandb") for s in segments]                   # oldest first

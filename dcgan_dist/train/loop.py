@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -15,7 +18,7 @@ else:  # pragma: no cover
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm import tqdm
 
 from ..config import Config, flatten, to_toml
@@ -38,17 +41,41 @@ from .tracking import (MetricsFile, Trackers, check_trackers, run_wandb_mode, sa
 log = logging.getLogger("dcgan_dist")
 
 
-def describe(cfg: Config) -> str:
-    """What --dry-run prints: resolved config, data summary, parameter counts."""
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``train.precision`` as it runs on ``device``: "auto" is bf16 on a GPU with bf16 units (compute capability
+    8.0+, Ampere on; ROCm GPUs), fp16 with loss scaling on older GPUs, and fp32 on a CPU."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.version.hip or torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+
+
+def _precision_line(cfg: Config, device: torch.device) -> str:
+    return f"precision: {cfg.train.precision_resolved} (train.precision = {cfg.train.precision!r} on {device.type})"
+
+
+def _device() -> torch.device:
+    """The device a rank of this launch trains on (what the Accelerator picks; see _accelerator)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def describe(cfg: Config) -> Iterator[str]:
+    """What --dry-run prints, in two parts: the resolved config (always), then the data summary, parameter counts
+    and trackers, whose checks may raise a UserError (so the config is shown before a data error)."""
+    device = _device()
+    cfg.train.precision_resolved = resolve_precision(cfg.train.precision, device)
+    yield f"{to_toml(cfg)}\n# {_precision_line(cfg, device)}\n"
     m = preflight(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     g, d = build_models(cfg)
     wandb = run_wandb_mode(cfg.log)                  # once: it may wait for W&B to answer
-    return (f"{to_toml(cfg)}\n# data: {cfg.data.shards}: {m['num_images']} images, {m['resolution']} px, "
-            f"{m['channels']} ch, {len(m['shards'])} shards, source {m.get('source')}, "
-            f"classes {m.get('class_names')}\n"
-            f"# generator: {count_parameters(g):,} parameters; discriminator: {count_parameters(d):,} parameters\n"
-            f"# trackers: {', '.join(trackers(cfg.log, wandb)) or 'none'} (W&B mode {wandb}, "
-            f"log.wandb = {cfg.log.wandb!r})\n")
+    yield (f"# data: {cfg.data.shards}: {m['num_images']} images, {m['resolution']} px, {m['channels']} ch, "
+           f"{len(m['shards'])} shards, source {m.get('source')}, classes {m.get('class_names')}\n"
+           f"# generator: {count_parameters(g):,} parameters; discriminator: {count_parameters(d):,} parameters\n"
+           f"# trackers: {', '.join(trackers(cfg.log, wandb)) or 'none'} (W&B mode {wandb}, "
+           f"log.wandb = {cfg.log.wandb!r})\n")
 
 
 def _accelerator(cfg: Config, wandb: str) -> Accelerator:
@@ -58,8 +85,17 @@ def _accelerator(cfg: Config, wandb: str) -> Accelerator:
         log_with=trackers(cfg.log, wandb) or None,
         project_config=ProjectConfiguration(project_dir=str(cfg.run_dir),
                                             logging_dir=str(cfg.run_dir / "tensorboard")),
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=cfg.train.broadcast_buffers)],
     )
+
+
+def _buffer_sync(net: torch.nn.Module, on: bool) -> None:
+    """DDP's buffer broadcast before each forward (train.broadcast_buffers; off: D's BatchNorm sees two forwards
+    before one backward and an in-place broadcast between them breaks autograd, StyleGAN2-ADA's choice). Set on
+    the wrapper: DDP's broadcast_buffers argument is deprecated (torch 2.13) and its replacement,
+    forward_sync_buffers, is not among Accelerate's DDP kwargs. Unlike broadcast_buffers=False, buffers are still
+    broadcast once when wrapped: harmless, every rank has just built the same models from the same seed."""
+    if isinstance(net, torch.nn.parallel.DistributedDataParallel):
+        setattr(net, "forward_sync_buffers" if hasattr(net, "forward_sync_buffers") else "broadcast_buffers", on)
 
 
 def build(acc: Accelerator, cfg: Config) -> Nets:
@@ -76,10 +112,13 @@ def build(acc: Accelerator, cfg: Config) -> Nets:
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_g, betas=betas, fused=fused)
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d, betas=betas, fused=fused)
     G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)       # order fixed: checkpoint files by position
+    for net in (G, D):
+        _buffer_sync(net, cfg.train.broadcast_buffers)
     ema = EMA(acc.unwrap_model(G), cfg.model.ema_kimg, cfg.model.ema_rampup) if cfg.model.ema else None
     if cfg.train.compile:
         G, D = torch.compile(G), torch.compile(D)
-    scaler_g, scaler_d = make_scalers(cfg.train.precision, acc.device.type, cfg.train.fp16_init_scale)
+    precision = resolve_precision(cfg.train.precision, acc.device)
+    scaler_g, scaler_d = make_scalers(precision, acc.device.type, cfg.train.fp16_init_scale)
     return Nets(G, D, opt_g, opt_d, scaler_g, scaler_d, ema)
 
 
@@ -115,6 +154,9 @@ def _train(cfg: Config, stop: StopRequest) -> dict:
     loader = None
     try:
         acc = _accelerator(cfg, wandb)
+        cfg.train.precision_resolved = resolve_precision(cfg.train.precision, acc.device)
+        if acc.is_main_process:
+            log.info(_precision_line(cfg, acc.device))
         _warn_precision(acc, cfg)
         if acc.is_main_process:
             _prepare_run_dir(cfg)
@@ -158,14 +200,14 @@ def _stop_requested(acc: Accelerator, stop: StopRequest) -> str | None:
 
 
 def _warn_precision(acc: Accelerator, cfg: Config) -> None:
-    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if acc.is_main_process and launcher_precision not in ("no", cfg.train.precision):
+    launcher_precision, precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no"), cfg.train.precision_resolved
+    if acc.is_main_process and launcher_precision not in ("no", precision):
         log.warning("accelerate launch asked for mixed_precision=%s; the config's train.precision=%s wins",
-                    launcher_precision, cfg.train.precision)
-    if cfg.train.precision != "fp32" and acc.device.type == "cpu" and acc.is_main_process:
+                    launcher_precision, precision)
+    if precision != "fp32" and acc.device.type == "cpu" and acc.is_main_process:
         log.warning("train.precision = %s on a CPU: without native %s units it is far slower than fp32 (measured on "
-                    "a 2-core AVX2 VM: bf16 ~27x, fp16 ~500x slower); for CPU runs set train.precision = \"fp32\"",
-                    cfg.train.precision, cfg.train.precision)
+                    "a 2-core AVX2 VM: bf16 ~27x, fp16 ~500x slower); for CPU runs set train.precision = \"auto\" "
+                    "or \"fp32\"", precision, precision)
 
 
 def _prepare_run_dir(cfg: Config) -> None:
@@ -237,6 +279,8 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
     fault = injected_fault(acc.process_index)
     batches = iter(loader)
     timing: dict[str, float] = {}        # seconds of the last grid and checkpoint, logged with the next row
+    step_cfg = copy.deepcopy(cfg)                    # step.py autocasts to train.precision: the resolved one
+    step_cfg.train.precision = cfg.train.precision_resolved
     stopped_by = None
     last = state.step >= cfg.train.max_steps
     while not last:
@@ -245,7 +289,7 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
         _set_lr(nets, cfg, state.step)
         for _ in range(cfg.loss.d_steps - 1):
             state.skipped_d += d_only_step(acc, nets, to_device(next(batches)[0], acc.device, cfg.train.channels_last),
-                                           cfg, noise_std)
+                                           step_cfg, noise_std)
         real = to_device(next(batches)[0], acc.device, cfg.train.channels_last)
         if fault == ("nan", state.step + 1):
             real = real * float("nan")
@@ -253,7 +297,7 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
             raise RuntimeError(f"injected failure at step {state.step + 1} (DCGAN_DIST_FAULT)")
         if fault and fault[0] == "slow":
             time.sleep(fault[1] / 1000)
-        out = gan_step(acc, nets, real, cfg, noise_std)
+        out = gan_step(acc, nets, real, step_cfg, noise_std)
         state.step += 1
         if stop.orphaned():         # no agreement is possible without the launcher (it holds the rendezvous)
             raise LauncherGone(f"rank {acc.process_index}: the launcher (pid {stop.parent}) is gone; stopped after "
@@ -308,9 +352,10 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
     summary = _summary(acc, cfg, nets, state, stopped_by, epoch=loader.epoch, wandb_mode=wandb)
     if main:
         write_gif(run_dir / "samples")
-        offline_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
-        if wandb == "offline" and offline_runs:
-            summary["sync_command"] = f"wandb sync {offline_runs[-1]}"
+        # Every job segment of the run wrote its own offline-run-<time>-<id> folder, all with the run's one id
+        # (kept in the checkpoint): the command names them all (wandb sync uploads one id's in start-time order).
+        if wandb == "offline" and state.wandb_id and list((run_dir / "wandb").glob(f"offline-run-*-{state.wandb_id}")):
+            summary["sync_command"] = f"wandb sync {shlex.quote(str(run_dir / 'wandb'))}/offline-run-*-{state.wandb_id}"
     tracked.finish()
     acc.end_training()
     return summary

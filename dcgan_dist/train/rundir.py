@@ -110,6 +110,7 @@ def compare(saved: dict, now: dict) -> tuple[list[str], list[str]]:
     """``saved``/``now``: flat ``{key: value}`` of the checkpoint's and this run's settings, plus ``world_size``
     and ``data`` (a fingerprint of the shard set). Returns (safe changes, breaking changes) as readable lines."""
     ignore = {"name", "runs_dir", "checkpoint.resume", "checkpoint.allow_changes", "data.shards"}
+    saved, now = _as_run(saved), _as_run(now)
     safe, breaking = [], []
     for key in sorted(set(saved) | set(now)):
         if key in ignore or saved.get(key) == now.get(key) or key not in saved:
@@ -122,3 +123,12 @@ def compare(saved: dict, now: dict) -> tuple[list[str], list[str]]:
             line = "data: the shard set differs from the one the checkpoint was trained on"
         (breaking if key in BREAKING else safe).append(line + (f" ({BREAKING[key]})" if key in BREAKING else ""))
     return safe, breaking
+
+
+def _as_run(flat: dict) -> dict:
+    """The precision compared is the one the run used: "auto" that became fp32 equals an explicit fp32."""
+    flat = dict(flat)
+    resolved = flat.pop("train.precision_resolved", "")
+    if resolved:
+        flat["train.precision"] = resolved
+    return flat

@@ -10,7 +10,7 @@ import torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from dcgan_dist.config import load_config
-from dcgan_dist.train.loop import _accelerator, build, train
+from dcgan_dist.train.loop import _accelerator, build, resolve_precision, train
 from dcgan_dist.train.step import gan_step
 
 
@@ -30,6 +30,7 @@ if mode == "train":
               "buffers": {f"{n}.{k}": digest(v) for n, m in nets for k, v in m.named_buffers()}}
 else:
     acc = _accelerator(cfg, "disabled")
+    cfg.train.precision = resolve_precision(cfg.train.precision, acc.device)   # as the loop hands it to gan_step
     nets = build(acc, cfg)
     counts = {"G": 0, "D": 0}
 
