@@ -291,7 +291,7 @@ def cmd_train(a) -> None:
         tmp = tempfile.TemporaryDirectory()
         batch = _ints(a.batch_sizes)[0]
         write_indexed_shards(Path(tmp.name), max(4096, 8 * batch), 64, 3, shard_size=2048, chunk_size=256)
-        cfg = load_config(None, ["data.resolution=64", f"train.batch_size={batch}"])
+        cfg = load_config(None, ["data.resolution=64", f"train.batch_size={batch}", 'train.precision="fp32"'])
         nets = build(acc, cfg)
         it = iter(ShardLoader(Path(tmp.name), batch, num_workers=a.workers, seed=0, pin_memory=cuda))
         s = _timed(lambda: step_mod.gan_step(acc, nets, to_device(next(it)[0], dev, True), cfg, 0.0), a.warmup,

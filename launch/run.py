@@ -23,6 +23,10 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 for _sig in STOP_SIGNALS:
     signal.signal(_sig, lambda signum, frame: _EARLY.append(signum))
 
+if __name__ == "__main__":
+    import _deps  # noqa: F401,E402 - without the project's packages, one line on how to get them
+
+
 import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402

@@ -25,9 +25,10 @@ def rows(run) -> list[dict]:
 def nets_for(tiny, tmp_path, *overrides):
     from accelerate import Accelerator
 
-    from dcgan_dist.train.loop import build
+    from dcgan_dist.train.loop import build, resolve_precision
     cfg = load_config(tiny, [f'runs_dir="{tmp_path}"', *overrides])
     acc = Accelerator()
+    cfg.train.precision = resolve_precision(cfg.train.precision, acc.device)     # as the loop hands it to gan_step
     return acc, cfg, build(acc, cfg)
 
 
