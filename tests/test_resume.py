@@ -165,6 +165,7 @@ def test_stop_and_resume_with_evaluation_is_bitwise_the_uninterrupted_run(tiny, 
     assert rows == rows0                                        # losses, scales, FID, KID: the same floats
 
 
+@pytest.mark.slow            # stand-in SLURM; tests/test_slurm.py runs the real one
 def test_signal_to_one_rank_stops_all_at_one_step_and_sbatch_requeues(tiny, reference, resumable, tmp_path):
     """The SLURM script with stand-in srun/scontrol/sbatch: USR1 to the batch shell -> STOP file -> every
     rank stops at the same step after a checkpoint -> requeue; the requeued job finishes bitwise equal."""
@@ -312,6 +313,7 @@ def test_stop_file_single_process_exits_75_and_is_removed(tiny, tmp_path, cli):
     assert "done: step 6" in p.stdout
 
 
+@pytest.mark.slow            # stand-in SLURM, 22 s
 def test_slurm_job_exit_code_tells_user_error_divergence_and_passes_overrides_verbatim(tiny, tmp_path):
     """What a job script sees: 2 user error, 3 divergence (neither requeued); overrides with spaces and shell
     metacharacters reach the trainer as one word each and are never run."""
