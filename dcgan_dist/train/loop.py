@@ -192,11 +192,20 @@ def _summary(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, stopp
                                                  nets.ema.model if nets.ema is not None else None), **extra}
 
 
+def _agree(acc: Accelerator, stop: StopRequest, diverged: torch.Tensor | None = None) -> tuple[bool, str | None]:
+    """One all-reduce: whether any rank diverged (``diverged``, a 0-dim bool tensor) and whether any was asked to
+    stop ("signal", "STOP file" or None). Every rank gets the same answer."""
+    dev = acc.device
+    flags = torch.stack([diverged if diverged is not None else torch.zeros((), dtype=torch.bool, device=dev),
+                         torch.tensor(stop.signalled is not None, device=dev),
+                         torch.tensor(stop.reason() == "STOP file", device=dev)])
+    any_diverged, signalled, stop_file = (acc.reduce(flags.float(), "sum") > 0).tolist()
+    return any_diverged, "signal" if signalled else "STOP file" if stop_file else None
+
+
 def _stop_requested(acc: Accelerator, stop: StopRequest) -> str | None:
-    """Whether any rank was asked to stop (one all-reduce; every rank gets the same answer)."""
-    flags = torch.tensor([stop.signalled is not None, stop.reason() == "STOP file"], device=acc.device)
-    signalled, stop_file = (acc.reduce(flags.float(), "sum") > 0).tolist()
-    return "signal" if signalled else "STOP file" if stop_file else None
+    """Whether any rank was asked to stop (every rank gets the same answer)."""
+    return _agree(acc, stop)[1]
 
 
 def _warn_precision(acc: Accelerator, cfg: Config) -> None:
@@ -411,16 +420,14 @@ def _sync_point(acc, cfg: Config, nets: Nets, state: TrainState, nonfinite: torc
     Returns the stop reason or None; raises TrainingDiverged on every rank."""
     params = [*nets.G.parameters(), *nets.D.parameters()]
     weights_ok = torch.stack([torch.isfinite(p).all() for p in params]).all()   # no host sync per parameter
-    flags = torch.stack([nonfinite | ~weights_ok, torch.tensor(stop.signalled is not None, device=acc.device),
-                         torch.tensor(stop.reason() == "STOP file", device=acc.device)])
-    diverged, signalled, stop_file = (acc.reduce(flags.float(), "sum") > 0).tolist()
+    diverged, reason = _agree(acc, stop, nonfinite | ~weights_ok)
     if diverged:
         good = checkpoint.complete_checkpoints(cfg.run_dir / "checkpoints")
         acc.end_training()
         raise TrainingDiverged(
             f"non-finite loss or weights by step {state.step} (checked every {cfg.train.sync_every} "
             f"steps); last good checkpoint: {good[-1] if good else 'none'}; nothing was saved after it")
-    return "signal" if signalled else "STOP file" if stop_file else None
+    return reason
 
 
 def _scalars(acc, nets: Nets, state: TrainState, loader: ShardLoader, sums: dict, steps: int, elapsed: float,
