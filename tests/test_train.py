@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,28 @@ def test_g_step_does_not_all_reduce_or_compute_d_gradients(tiny, tmp_path):
         # one bucket each: D's gradients are all-reduced once per step (D step), G's once (G step)
         assert rank["per_step"] == [{"G": 1, "D": 1}] * 3
         assert rank["d_grad_unchanged"] == [True] * 3              # the G step leaves D's .grad untouched
+
+
+def test_corrupt_chunks_skipped_by_every_rank_are_summed_in_the_logged_row(tiny, tmp_path):
+    """Issue 16: the row's corrupt_chunks was rank 0's own count (0 while rank 1's worker skipped a chunk)."""
+    from dcgan_dist.data import load_manifest
+
+    shards = tmp_path / "shards"
+    shutil.copytree(load_config(tiny).data.shards, shards)
+    tar = shards / "shard-000000.tar"
+    chunks = load_manifest(shards)["shards"][0]["chunks"]
+    with open(tar, "r+b") as f:
+        for chunk in chunks[::2]:                                   # 4 of the 8 chunks: both ranks meet some
+            f.seek(chunk["images"][0])
+            f.write(b"garbage!")                                    # the npy header: the chunk cannot be read
+    r = launch("train", tmp_path / "c", tiny, f'runs_dir="{tmp_path}"', 'name="c"', f'data.shards="{shards}"',
+               "data.workers=1", "train.max_steps=60", "log.every=20", "log.sample_every=100")
+    assert [x["num_processes"] for x in r] == [2, 2]
+    assert r[0]["corrupt_chunks"] > 0 and r[1]["corrupt_chunks"] > 0      # each rank skipped its own
+    rows = [json.loads(line) for line in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows] == [20, 40, 60]
+    assert rows[-1]["corrupt_chunks"] == r[0]["corrupt_chunks"] + r[1]["corrupt_chunks"]
+    assert [x["corrupt_chunks"] for x in rows] == sorted(x["corrupt_chunks"] for x in rows)
 
 
 def test_two_process_offline_run_makes_one_wandb_run_and_rank0_outputs(tiny, tmp_path):

@@ -358,7 +358,8 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
             timing["checkpoint_s"] = time.perf_counter() - t
     bar.close()
 
-    summary = _summary(acc, cfg, nets, state, stopped_by, epoch=loader.epoch, wandb_mode=wandb)
+    summary = _summary(acc, cfg, nets, state, stopped_by, epoch=loader.epoch, wandb_mode=wandb,
+                       corrupt_chunks=loader.corrupt_chunks)
     if main:
         write_gif(run_dir / "samples")
         # Every job segment of the run wrote its own offline-run-<time>-<id> folder, all with the run's one id
@@ -432,11 +433,15 @@ def _sync_point(acc, cfg: Config, nets: Nets, state: TrainState, nonfinite: torc
 
 def _scalars(acc, nets: Nets, state: TrainState, loader: ShardLoader, sums: dict, steps: int, elapsed: float,
              noise_std: float) -> dict:
-    """The logged row: interval means reduced across ranks (computed on every rank: it is a collective)."""
-    means = acc.reduce(torch.stack([sums[k] for k in sorted(sums)]) / steps, "mean")
+    """The logged row: interval means reduced across ranks (computed on every rank: it is a collective), and
+    ``corrupt_chunks``, the chunk skips of every rank since this launch (one all-reduce: a sum, then the means
+    divided by the world size, as accelerate's reduce "mean" does)."""
+    local = torch.stack([sums[k] for k in sorted(sums)]) / steps
+    totals = acc.reduce(torch.cat([local, local.new_tensor([loader.corrupt_chunks])]), "sum")
+    means, corrupt = totals[:-1] / acc.num_processes, int(totals[-1])
     return {"step": state.step, "epoch": loader.epoch, **dict(zip(sorted(sums), means.tolist())),
             "scale_d": nets.scaler_d.get_scale(), "scale_g": nets.scaler_g.get_scale(),
             "skipped_d": int(state.skipped_d), "skipped_g": int(state.skipped_g),
             "images_per_s": steps * loader.stream.B * acc.num_processes / elapsed, "s_per_step": elapsed / steps,
-            "instance_noise": noise_std, "corrupt_chunks": loader.corrupt_chunks,
+            "instance_noise": noise_std, "corrupt_chunks": corrupt,
             **({"gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30} if acc.device.type == "cuda" else {})}

@@ -25,7 +25,7 @@ if mode == "train":
     G, D, E = summary["models"]
     rank = summary["rank"]                  # end_training() has already torn the process group down
     nets = (("G", G), ("D", D), ("E", E)) if E is not None else (("G", G), ("D", D))
-    result = {"num_processes": summary["num_processes"], "rank": rank,
+    result = {"num_processes": summary["num_processes"], "rank": rank, "corrupt_chunks": summary["corrupt_chunks"],
               "params": {f"{n}.{k}": digest(v) for n, m in nets for k, v in m.named_parameters()},
               "buffers": {f"{n}.{k}": digest(v) for n, m in nets for k, v in m.named_buffers()}}
 else:
