@@ -18,6 +18,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from .augment import parse_policy
 from .errors import UserError
 
 
@@ -56,6 +57,9 @@ class LossConfig:
     instance_noise: float = 0.0          # std of Gaussian noise on D's inputs at step 0
     instance_noise_steps: int = 0        # ... annealed linearly to 0 over this many steps
     d_steps: int = 1                     # D updates per G update
+    augment: str = ""                    # DiffAugment of every image D sees (real and generated), e.g.
+                                         # "translation,cutout" or "color,translation,cutout" ("": off);
+                                         # against a D that memorises a small dataset (dcgan_dist/augment.py)
 
 
 @dataclass
@@ -271,6 +275,10 @@ def validate(cfg: Config) -> None:
                 "checkpoint.milestone_every", "train.seed", "eval.every", "eval.seed", "data.cache_gb"):
         if flat[key] < 0:
             raise UserError(f"{key} = {flat[key]!r}: must be >= 0")
+    try:
+        parse_policy(cfg.loss.augment)
+    except ValueError as e:
+        raise UserError(f"loss.augment = {cfg.loss.augment!r}: {e}") from None
     for tracker in cfg.log.trackers:
         if tracker not in TRACKERS:
             raise UserError(f"log.trackers: unknown tracker {tracker!r}; choose from {', '.join(TRACKERS)}")

@@ -119,8 +119,11 @@ def test_ctrl_c_checkpoints_and_stops_every_rank_second_ctrl_c_stops_now(tiny, t
 
 
 def test_kill_usr1_of_plain_accelerate_launch_leaves_no_rank_behind(tiny, tmp_path):
-    """Plain `accelerate launch` (not run.py) dies of SIGUSR1; its ranks stop after the step in progress."""
-    proc = subprocess.Popen(run_cmd(tiny, f'runs_dir="{tmp_path}"', *SLOW, launcher="accelerate"), env=env(),
+    """Plain `accelerate launch` (not run.py) dies of SIGUSR1; its ranks stop after the step in progress.
+    Steps of >= 0.3 s: a dying launcher leaves its children only once its exit is done, which took 3 tiny steps
+    (~0.1 s) on a loaded 2-core machine."""
+    proc = subprocess.Popen(run_cmd(tiny, f'runs_dir="{tmp_path}"', *SLOW, launcher="accelerate"),
+                            env={**env(), "DCGAN_DIST_FAULT": "slow@300"},
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for_step(proc, tmp_path / "tiny", 4)
     ranks = psutil.Process(proc.pid).children()

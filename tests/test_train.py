@@ -196,6 +196,8 @@ def test_auto_precision_runs_fp32_on_a_cpu_logs_it_and_resumes_an_fp32_checkpoin
     ("loss.real_label=1.2", "loss.real_label = 1.2: must be between 0 and 1"),
     ("model.init_g=1", "model.init_g must be bool, got int 1"),
     ("train.seed", "expected section.key=value"),
+    ("loss.augment=translation,flip", "loss.augment = 'translation,flip': unknown augmentation 'flip'; use a "
+                                      "comma-separated subset of color, translation, cutout"),
     ("optim.lr_g=nan", "optim.lr_g = nan: must be a finite number"),
     ("loss.instance_noise=inf", "loss.instance_noise = inf: must be a finite number"),
     ("train.fp16_init_scale=-inf", "train.fp16_init_scale = -inf: must be a finite number"),
@@ -320,10 +322,39 @@ def test_label_smoothing_and_flips():
     assert 800 < (t_real == 0).sum() < 1200
 
 
+def test_diff_augment_shifts_and_cuts_each_image_and_passes_gradients():
+    """DiffAugment (Zhao et al. 2020): translation is an integer shift of at most 1/8 of the side with a zero
+    border; cutout zeroes one half-side square (clipped at the edges), its centre anywhere; color is per image."""
+    from dcgan_dist.augment import diff_augment
+    torch.manual_seed(0)
+    x = torch.rand(64, 2, 32, 32) + 1                                   # > 0 everywhere: zeros are the border
+    t = diff_augment(x, "translation")
+    shifts = []
+    for a, b in zip(x, t):
+        pad = torch.nn.functional.pad(a, [4, 4, 4, 4])
+        found = [(dy, dx) for dy in range(-4, 5) for dx in range(-4, 5)
+                 if torch.equal(pad[:, 4 + dy:36 + dy, 4 + dx:36 + dx], b)]
+        assert len(found) == 1
+        shifts.append(found[0])
+    assert len(set(shifts)) > 20 and {s for d in shifts for s in d} == set(range(-4, 5))
+    c = diff_augment(x, "cutout")
+    for a, b in zip(x, c):
+        cut = (b == 0).all(0)
+        rows, cols = cut.any(1).nonzero().flatten(), cut.any(0).nonzero().flatten()
+        assert cut.sum() == len(rows) * len(cols) and 8 <= len(rows) <= 16 and 8 <= len(cols) <= 16
+        assert torch.equal(b[:, ~cut], a[:, ~cut])                         # the rest untouched
+    y = x.clone().requires_grad_(True)
+    out = diff_augment(y, "color,translation,cutout")
+    assert out.shape == x.shape and out.dtype == x.dtype
+    out.sum().backward()
+    assert y.grad.abs().sum() > 0                                        # G learns through it
+    assert torch.equal(diff_augment(x, ""), x)
+
+
 def test_tricks_train_and_instance_noise_anneals(tiny, tmp_path):
     cfg = load_config(tiny, [f'runs_dir="{tmp_path}"', 'loss.kind="hinge"', "loss.real_label=0.9", "loss.flip_prob=0.1",
                              "loss.instance_noise=0.2", "loss.instance_noise_steps=4", "loss.d_steps=2",
-                             "log.every=1"])
+                             'loss.augment="color,translation,cutout"', "log.every=1"])
     summary = train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
     assert [r["instance_noise"] for r in rows] == pytest.approx([0.2, 0.15, 0.1, 0.05, 0.0, 0.0])

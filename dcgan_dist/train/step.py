@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..augment import diff_augment
 from ..losses import d_loss, d_targets, g_loss
 from .ema import EMA
 
@@ -112,6 +113,13 @@ def _apply(scaler: torch.amp.GradScaler, loss: torch.Tensor, opt) -> torch.Tenso
     return scaler._scale < before
 
 
+def _d_input(x: torch.Tensor, cfg, noise_std: float) -> torch.Tensor:
+    """What D sees of an image batch: DiffAugment (loss.augment), then instance noise (annealed by the caller)."""
+    if cfg.loss.augment:
+        x = diff_augment(x, cfg.loss.augment)
+    return x + noise_std * torch.randn_like(x) if noise_std > 0 else x
+
+
 def gan_step(acc, nets: Nets, real: torch.Tensor, cfg, noise_std: float) -> dict:
     """D update on (real, G(z)), then G update through D. ``real``: B x C x H x W float in [-1, 1] on the
     device. Returns 0-dim tensors on the device (losses, mean D(x) and D(G(z)), skip flags): nothing in the
@@ -123,11 +131,8 @@ def gan_step(acc, nets: Nets, real: torch.Tensor, cfg, noise_std: float) -> dict
     # --- D step: D's gradients are all-reduced here, once, by the backward.
     with autocast(prec, dev.type):
         fake = nets.G(z)        # kept with its graph: the G step reuses it (one G forward per step)
-        d_in_real, d_in_fake = real, fake.detach()
-        if noise_std > 0:       # instance noise, annealed by the caller
-            d_in_real = d_in_real + noise_std * torch.randn_like(d_in_real)
-            d_in_fake = d_in_fake + noise_std * torch.randn_like(d_in_fake)
-        logits_real, logits_fake = nets.D(d_in_real), nets.D(d_in_fake)
+        logits_real = nets.D(_d_input(real, cfg, noise_std))
+        logits_fake = nets.D(_d_input(fake.detach(), cfg, noise_std))
         t_real, t_fake = d_targets(n, cfg.loss.real_label, cfg.loss.flip_prob, dev)
         loss_d = d_loss(kind, logits_real, logits_fake, t_real, t_fake)
     nets.opt_d.zero_grad(set_to_none=True)
@@ -135,8 +140,7 @@ def gan_step(acc, nets: Nets, real: torch.Tensor, cfg, noise_std: float) -> dict
 
     # --- G step: through D without its gradient sync or weight gradients; only G's grads all-reduce.
     with frozen(acc, nets.D), autocast(prec, dev.type):
-        g_in = fake + noise_std * torch.randn_like(fake) if noise_std > 0 else fake
-        logits_gen = nets.D(g_in)
+        logits_gen = nets.D(_d_input(fake, cfg, noise_std))
         loss_g = g_loss(kind, logits_gen)
     nets.opt_g.zero_grad(set_to_none=True)
     skipped_g = _apply(nets.scaler_g, loss_g, nets.opt_g)
@@ -155,9 +159,7 @@ def d_only_step(acc, nets: Nets, real: torch.Tensor, cfg, noise_std: float) -> t
     with autocast(prec, dev.type):
         with torch.no_grad():
             fake = nets.G(z)
-        if noise_std > 0:
-            real = real + noise_std * torch.randn_like(real)
-            fake = fake + noise_std * torch.randn_like(fake)
+        real, fake = _d_input(real, cfg, noise_std), _d_input(fake, cfg, noise_std)
         t_real, t_fake = d_targets(real.shape[0], cfg.loss.real_label, cfg.loss.flip_prob, dev)
         loss = d_loss(cfg.loss.kind, nets.D(real), nets.D(fake), t_real, t_fake)
     nets.opt_d.zero_grad(set_to_none=True)
