@@ -45,8 +45,20 @@ def launcher_gone(e: Exception | None = None) -> int:
     return finish(EXIT_FAILED, f"error: {message}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose mistakes are outcomes like any user error: recorded (so run.py reports this line, not the
+    launcher's traceback), usage on rank 0 only, exit 2."""
+
+    def error(self, message: str):
+        if MAIN:
+            self.print_usage(sys.stderr)
+        hint = "; give each setting its own --set: --set a.b=1 --set c.d=2" if (
+            "unrecognized arguments" in message and "=" in message) else ""
+        raise SystemExit(finish(EXIT_USER_ERROR, f"error: {message}{hint}"))
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="TOML file (see configs/; required); defaults fill what it leaves out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set train.batch_size=64 (repeatable)")

@@ -91,6 +91,17 @@ def test_a_user_error_under_the_launcher_is_the_last_line_and_exit_2(tiny, tmp_p
     assert p.stderr.count(message.format(tmp=tmp_path)) == 1            # said once, not once per rank
 
 
+def test_a_bare_setting_without_set_is_one_line_naming_the_fix_and_exit_2(tiny, tmp_path):
+    """argparse's error, a user error like any other: recorded by the ranks, so run.py reports it, not the
+    launcher's ChildFailedError."""
+    p = subprocess.run([*run_cmd(tiny, f'runs_dir="{tmp_path}"'), "train.max_steps=3"], env=env(),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1] == ("error: unrecognized arguments: train.max_steps=3; give each setting "
+                                                 "its own --set: --set a.b=1 --set c.d=2")
+    assert "Traceback" not in p.stderr and "FAILED" not in p.stderr and not (tmp_path / "tiny").exists()
+
+
 def test_ctrl_c_checkpoints_and_stops_every_rank_second_ctrl_c_stops_now(tiny, tmp_path):
     proc = subprocess.Popen(run_cmd(tiny, f'runs_dir="{tmp_path}"', *SLOW), env=env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -364,6 +365,17 @@ def test_a_second_run_on_the_same_directory_is_refused_naming_the_holder(tiny, t
     assert p.returncode == 2 and p.stderr.count("\n") == 1
     assert p.stderr.startswith(f"error: run directory {tmp_path / 'tiny'} is in use by another run (pid {holder.pid} on ")
     assert not (tmp_path / "tiny" / "checkpoints").exists()
+    # Two ranks: rank 0 holds the lock check, and every rank raises its error. Before, rank 1 waited in the
+    # rendezvous for the rank 0 that had left, until torchrun killed it (SIGTERM, then SIGKILL 30 s later).
+    from accelerate.test_utils import get_torch_dist_unique_port
+    launch = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                             "--main_process_port", str(get_torch_dist_unique_port()), str(ROOT / "launch" / "train.py"),
+                             "--config", str(tiny), "--set", f'runs_dir="{tmp_path}"'], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert launch.stderr.count(f"error: run directory {tmp_path / 'tiny'} is in use by another run") == 2
+    assert sorted(re.findall(r"rank\s*: (\d) \(local_rank.*\n\s*exitcode\s*: (-?\d+)", launch.stderr)) == \
+        [("0", "2"), ("1", "2")]                                # both ranks exited with the user error, none killed
     holder.kill()                                               # kill -9 leaves no stale lock
     holder.wait()
     RunLock(tmp_path / "tiny").release()

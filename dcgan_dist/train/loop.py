@@ -150,10 +150,16 @@ def _train(cfg: Config, stop: StopRequest) -> dict:
     main = int(os.environ.get("RANK", 0)) == 0
     check_trackers(cfg.log)
     wandb = run_wandb_mode(cfg.log, main)            # may wait PROBE_TIMEOUT_S for W&B to answer
-    lock = RunLock(cfg.run_dir) if main else None
+    lock, lock_error = None, None
+    if main:
+        try:
+            lock = RunLock(cfg.run_dir)
+        except UserError as e:
+            lock_error = str(e)
     loader = None
     try:
         acc = _accelerator(cfg, wandb)
+        _raise_everywhere(acc, lock_error)
         cfg.train.precision_resolved = resolve_precision(cfg.train.precision, acc.device)
         if acc.is_main_process:
             log.info(_precision_line(cfg, acc.device))
@@ -181,6 +187,17 @@ def _train(cfg: Config, stop: StopRequest) -> dict:
             loader.close()
         if lock is not None:
             lock.release()
+
+
+def _raise_everywhere(acc: Accelerator, error: str | None) -> None:
+    """Rank 0's start-up error (its run directory: in use, not writable) raised as a UserError on every rank.
+    Raised by rank 0 alone, it left the others waiting in the rendezvous until torchrun killed them (30 s)."""
+    if acc.num_processes > 1:
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise UserError(error)
 
 
 def _summary(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, stopped_by: str | None, **extra) -> dict:
