@@ -31,11 +31,11 @@ def parse_policy(policy: str) -> tuple[str, ...]:
     return names
 
 
-def diff_augment(x: torch.Tensor, policy: str | tuple[str, ...]) -> torch.Tensor:
+def diff_augment(x: torch.Tensor, policy: str) -> torch.Tensor:
     """``x`` (B x C x H x W, float) with each policy applied per image: ``color`` (brightness +-0.5, saturation
     x[0, 2], contrast x[0.5, 1.5]), ``translation`` (up to 1/8 of the side, zero padded), ``cutout`` (a square
     of half the side set to 0, its centre anywhere in the image). Same shape and dtype."""
-    for p in parse_policy(policy) if isinstance(policy, str) else policy:
+    for p in parse_policy(policy):
         x = _FNS[p](x)
     return x
 
