@@ -34,6 +34,7 @@ class DataConfig:
     cache_gb: float = 20.0               # ... up to this size, least recently used out first
     timeout_s: float = 30.0              # remote shards: one request (connect + whole answer) at most this long
     deadline_s: float = 120.0            # ... one read with all its retries at most this long (then: an error)
+    batch_timeout_s: float = 600.0       # any shards: no batch for this long is an error naming the workers (0: none)
 
 
 @dataclass
@@ -272,7 +273,8 @@ def validate(cfg: Config) -> None:
         if not 0 <= flat[key] <= 1:
             raise UserError(f"{key} = {flat[key]!r}: must be between 0 and 1")
     for key in ("data.workers", "train.max_epochs", "loss.instance_noise", "loss.instance_noise_steps",
-                "checkpoint.milestone_every", "train.seed", "eval.every", "eval.seed", "data.cache_gb"):
+                "checkpoint.milestone_every", "train.seed", "eval.every", "eval.seed", "data.cache_gb",
+                "data.batch_timeout_s"):
         if flat[key] < 0:
             raise UserError(f"{key} = {flat[key]!r}: must be >= 0")
     try:

@@ -10,7 +10,8 @@ if __name__ == "__main__":
 
 from dcgan_dist.runtime import STOP  # noqa: I001 - first: a stop signal during the imports below is kept
 
-STOP.install()
+if __name__ == "__main__":      # not when a loader worker imports this file as __mp_main__ (loader.worker_context)
+    STOP.install()
 
 import argparse  # noqa: E402
 import logging  # noqa: E402

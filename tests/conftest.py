@@ -30,13 +30,21 @@ def run_cli(script: str, *args, check: bool = True, env: dict | None = None, tim
     return proc
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for one launch's rendezvous. Not accelerate.test_utils'
+    get_torch_dist_unique_port: outside pytest-xdist that is always 29500, so a launch that left a process
+    behind (or a socket in TIME_WAIT) failed the next test's launch with "address already in use"."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def accelerate_launch(script: Path, *args, num_processes: int = 2, timeout: int = 300, env: dict | None = None):
     """Start `script` on `num_processes` real processes (gloo on CPU) through accelerate launch."""
-    from accelerate.test_utils import get_torch_dist_unique_port
-
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(get_torch_dist_unique_port()), str(script), *map(str, args)]
+           "--main_process_port", str(free_port()), str(script), *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 from test_resume import env, last_step, wait_for_step
 
 LAUNCH = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
@@ -21,10 +21,9 @@ SLOW = ["train.max_steps=100000", "train.sync_every=1", "checkpoint.every=5", "l
 
 
 def run_cmd(config, *overrides, launcher="run"):
-    from accelerate.test_utils import get_torch_dist_unique_port
     head = [sys.executable, str(ROOT / "launch" / "run.py")] if launcher == "run" else \
         [sys.executable, "-m", "accelerate.commands.launch"]
-    return [*head, *LAUNCH, "--main_process_port", str(get_torch_dist_unique_port()), str(ROOT / "launch" / "train.py"),
+    return [*head, *LAUNCH, "--main_process_port", str(free_port()), str(ROOT / "launch" / "train.py"),
             "--config", str(config), *[a for o in overrides for a in ("--set", o)]]
 
 

@@ -303,3 +303,52 @@ def test_a_full_dev_shm_is_one_line_naming_it_never_a_hang(tiny, tmp_path):
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("error: shared memory (/dev/shm) is full: loader workers hand batches to the trainer")
     assert last.endswith("or set data.workers = 0") and "Traceback" not in p.stderr
+
+
+
+def test_a_read_that_never_returns_is_an_error_after_batch_timeout_s_never_a_hang(tiny, monkeypatch):
+    """workers=0: the read runs in the loader's feeder thread; one that blocks for ever (a hung network file
+    system) ends the wait for the batch after batch_timeout_s, naming this process."""
+    import threading
+    from dcgan_dist.config import load_config
+    from dcgan_dist.data import loader as loader_module
+    monkeypatch.setattr(loader_module, "read_chunk", lambda *a, **k: threading.Event().wait())
+    loader = ShardLoader(load_config(tiny).data.shards, batch_size=16, num_workers=0, batch_timeout_s=1)
+    try:
+        with pytest.raises(UserError) as e:
+            next(iter(loader))
+    finally:
+        loader.close()
+    assert str(e.value).startswith(f"{loader.root}: no batch for 1 s (data.batch_timeout_s) at batch 0: the reads "
+                                   f"in this process (pid {os.getpid()}) returned nothing;")
+
+
+def test_a_worker_that_stops_answering_ends_the_run_with_one_line_naming_its_pid(tiny, tmp_path):
+    """A loader worker that is alive but silent (SIGSTOP: as a worker deadlocked at its start, or stuck in a read)
+    used to leave the trainer waiting for its next batch for ever. Now: exit 2 after data.batch_timeout_s, one line
+    naming the setting and the worker's pid."""
+    import signal
+    import time
+
+    import psutil
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(tiny),
+                             "--set", f'runs_dir="{tmp_path}"', "--set", "data.workers=1", "--set", "train.max_steps=100000",
+                             "--set", "data.batch_timeout_s=3"], text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        t0, workers = time.monotonic(), []
+        while not workers and time.monotonic() - t0 < 120:       # the fork server's children are the workers
+            servers = [c for c in psutil.Process(proc.pid).children() if "forkserver" in " ".join(c.cmdline())]
+            workers = [w for s in servers for w in s.children()]
+            time.sleep(0.05)
+        assert len(workers) == 1
+        workers[0].send_signal(signal.SIGSTOP)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 2, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and ": no batch for 3 s (data.batch_timeout_s) at batch " in last
+    assert f"its worker(s) (pid {workers[0].pid}) are alive and sent nothing" in last
+    assert last.endswith("raise data.batch_timeout_s") and "Traceback" not in err
+    assert not psutil.pid_exists(workers[0].pid) or workers[0].status() == psutil.STATUS_ZOMBIE

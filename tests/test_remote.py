@@ -5,11 +5,11 @@ retries, clear errors naming the URL, and no credential in anything a run writes
 import itertools
 import logging
 import os
-import socket
 import time
 
 import pytest
 
+from conftest import free_port
 from dcgan_dist.data import ShardLoader, load_manifest
 from dcgan_dist.data.store import Store
 from dcgan_dist.data.synthetic import image_index, serve_http, write_indexed_shards
@@ -21,14 +21,6 @@ SECRET = "s3cr3t-never-written-anywhere"
 def batches(root, n, **kw):
     loader = ShardLoader(root, batch_size=16, seed=3, **kw)
     return [image_index(x.numpy()).tolist() for x, _ in itertools.islice(loader, n)]
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, accelerate_launch
+from conftest import ROOT, accelerate_launch, free_port
 from dcgan_dist.config import load_config
 from dcgan_dist.errors import UserError
 from dcgan_dist.train import train
@@ -37,11 +37,10 @@ def resumable(classifier_cache):
 
 
 def launch_cmd(config, *overrides):
-    from accelerate.test_utils import get_torch_dist_unique_port
     args = [a for o in overrides for a in ("--set", o)]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-            str(get_torch_dist_unique_port()), str(ROOT / "launch" / "train.py"), "--config", str(config), *args]
+            str(free_port()), str(ROOT / "launch" / "train.py"), "--config", str(config), *args]
 
 
 def env():
@@ -367,10 +366,9 @@ def test_a_second_run_on_the_same_directory_is_refused_naming_the_holder(tiny, t
     assert not (tmp_path / "tiny" / "checkpoints").exists()
     # Two ranks: rank 0 holds the lock check, and every rank raises its error. Before, rank 1 waited in the
     # rendezvous for the rank 0 that had left, until torchrun killed it (SIGTERM, then SIGKILL 30 s later).
-    from accelerate.test_utils import get_torch_dist_unique_port
     launch = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                             "--main_process_port", str(get_torch_dist_unique_port()), str(ROOT / "launch" / "train.py"),
+                             "--main_process_port", str(free_port()), str(ROOT / "launch" / "train.py"),
                              "--config", str(tiny), "--set", f'runs_dir="{tmp_path}"'], capture_output=True, text=True,
                             timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert launch.stderr.count(f"error: run directory {tmp_path / 'tiny'} is in use by another run") == 2

@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 from test_failures import LAUNCH, SLOW, run_cmd, tree, wait_gone
 from test_resume import STEPS, assert_bitwise_equal, env, final_weights, last_step, reference, resumable, \
     wait_for_step  # noqa: F401 - reference and resumable are fixtures
@@ -133,13 +133,6 @@ def test_no_rank_outlives_a_killed_launcher_by_more_than_one_step(tiny, tmp_path
     wait_gone(procs, 60)
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _node(tiny, tmp_path, machine_rank: int, port: int, *overrides):
     cmd = [sys.executable, str(ROOT / "launch" / "run.py"), "--num_machines", "2", "--machine_rank",
            str(machine_rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port",
@@ -156,7 +149,7 @@ def test_two_nodes_stop_together_on_a_signal_to_either_and_resume_exactly(tiny, 
     each: a SIGTERM to either node's run.py stops both at one step after a checkpoint, both exit 75; resumed, the
     run ends bitwise equal to the same run never stopped on one node with two processes."""
     run = tmp_path / "tiny"
-    port = _free_port()
+    port = free_port()
     nodes = [_node(tiny, tmp_path, r, port, *resumable) for r in (0, 1)]
     wait_for_step(nodes[0], run, 10)
     nodes[signalled_node].send_signal(signal.SIGTERM)
@@ -166,7 +159,7 @@ def test_two_nodes_stop_together_on_a_signal_to_either_and_resume_exactly(tiny, 
     assert outs[0][0].strip().splitlines()[-1].startswith(f"stopped by signal at step {stopped} after a checkpoint")
     assert (run / "checkpoints" / f"step_{stopped:08d}").is_dir() and stopped < STEPS
 
-    port = _free_port()
+    port = free_port()
     nodes = [_node(tiny, tmp_path, r, port, *resumable) for r in (0, 1)]
     outs = [n.communicate(timeout=300) for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import atexit
 import errno
+import functools
 import concurrent.futures.thread  # noqa: F401 - registers its exit hook before ours (see _cancel_live_reads)
-import gc
 import logging
+import multiprocessing
 import os
 import queue
 import signal
@@ -246,13 +247,14 @@ class ShardLoader:
                  verify: str = "size", resolution: int | None = None, channels: int | None = None,
                  pin_memory: bool = False, prefetch_factor: int = 4, manifest: dict | None = None,
                  concurrency: int = 16, cache_dir: str = "", cache_gb: float = 0.0,
-                 stop: Callable[[], str | None] | None = None) -> None:
+                 stop: Callable[[], str | None] | None = None, batch_timeout_s: float = 600.0) -> None:
         """``root``: a folder or an s3:// gs:// http(s):// URL. ``manifest``: one already returned by
         ``load_manifest`` for this root and these checks (the trainer's pre-flight), so the shards are not
         verified twice. ``concurrency``: chunk range requests in flight per worker for remote shards.
         ``cache_dir``/``cache_gb``: keep fetched remote chunks on local disk (see store.ChunkCache).
         ``stop``: returns a reason ("signal") when the process was asked to stop; a wait for a batch that outlasts
-        such a request by ``STOP_GRACE_S`` raises errors.StoppedWaiting (see _next_item)."""
+        such a request by ``STOP_GRACE_S`` raises errors.StoppedWaiting (see _next_item). ``batch_timeout_s``: a
+        wait for one batch longer than this raises UserError naming the workers (0: no bound)."""
         self.store = Store(root)
         self.root = self.store.root
         self.manifest = manifest or load_manifest(root, verify, resolution, channels)
@@ -267,14 +269,14 @@ class ShardLoader:
         self.batches = start_batch
         self.corrupt_chunks = 0
         self.stop = stop
-        if num_workers:
-            _enough_open_files(num_workers, prefetch_factor)
+        self.batch_timeout_s = batch_timeout_s
         self._it = self._feeder = None
         self._closed = threading.Event()
         _LIVE.add(self)
         self._dl = DataLoader(self.stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                               prefetch_factor=prefetch_factor if num_workers else None,
-                              persistent_workers=False, worker_init_fn=_ignore_stop_signals,
+                              multiprocessing_context=worker_context(num_workers, prefetch_factor) if num_workers else None,
+                              persistent_workers=False,
                               # its own generator: starting the iterator must not draw from the global RNG,
                               # or a resumed run's z would drift from the uninterrupted run's
                               generator=torch.Generator().manual_seed(seed))
@@ -317,17 +319,8 @@ class ShardLoader:
     def __iter__(self):
         B, W = self.stream.B, self.num_slots
         pending: dict = {}                 # batch index -> batch, to restore the global order
-        # The workers fork with every object of this process frozen (gc.freeze, as the gc docs advise before a
-        # fork): a worker never collects the parent's garbage. An fsspec client in the parent's cyclic garbage
-        # collected in a worker ran its finalizer (close_session), which waits for the parent's event loop, whose
-        # thread does not exist there, for 1 s (fsspec polls its 0.1 s timeout once a second): a 1 s stall of
-        # every read in flight, seen in the HTTP benchmark at the worker's second window. (gc.collect() before
-        # the fork fixed it too but cost 0.1 s per loader.)
-        gc.freeze()
-        try:
-            self._it = iter(self._dl)
-        finally:
-            gc.unfreeze()
+        self._dl.worker_init_fn = functools.partial(_worker_init, dict(os.environ))     # this process's, now
+        self._it = iter(self._dl)
         items: queue.Queue = queue.Queue(maxsize=2)
         self._feeder = threading.Thread(target=self._feed, args=(self._it, items), name="loader-feeder", daemon=True)
         self._feeder.start()
@@ -367,12 +360,14 @@ class ShardLoader:
     def _next_item(self, items: queue.Queue):
         """The next item of the DataLoader. Raises what the feeder caught, or StoppedWaiting when a stop request
         (``self.stop()``) is older than STOP_GRACE_S and no item came meanwhile."""
-        asked = None
+        asked, t0 = None, time.monotonic()
         while True:
             try:
                 item, error = items.get(timeout=POLL_S)
                 break
             except queue.Empty:
+                if self.batch_timeout_s and time.monotonic() - t0 > self.batch_timeout_s:
+                    raise UserError(self._silent()) from None
                 reason = self.stop() if self.stop is not None else None
                 if reason is None:
                     continue
@@ -386,6 +381,16 @@ class ShardLoader:
                                 f"{_RAISE_LIMIT}") from None
             raise error
         return item
+
+
+    def _silent(self) -> str:
+        """The error for a loader that sent no batch for batch_timeout_s: which processes to look at."""
+        workers = [w for w in getattr(self._it, "_workers", []) if w.is_alive()]
+        who = (f"its worker(s) (pid {', '.join(str(w.pid) for w in workers)}) are alive and sent nothing"
+               if workers else f"the reads in this process (pid {os.getpid()}) returned nothing")
+        return (f"{self.root}: no batch for {self.batch_timeout_s:g} s (data.batch_timeout_s) at batch "
+                f"{self.batches}: {who}; `py-spy dump --pid PID` shows where they wait; if the storage is this "
+                f"slow, raise data.batch_timeout_s")
 
 
 # How often a main thread waiting for a batch looks at the stop request, and how long it still waits for the batch
@@ -434,6 +439,40 @@ def _enough_open_files(workers: int, prefetch: int) -> None:
         return
     raise UserError(f"Too many open files would follow: the limit of open files (ulimit -n) is {hard}, and "
                     f"{workers} loader worker(s) need about {need}; {_RAISE_LIMIT}")
+
+
+def worker_context(workers: int, prefetch_factor: int = 4):
+    """The workers' start method: a fork server, never a fork of this process. A fork copies the process as its
+    other threads left it, locks included. A worker forked while another thread was making or dropping its
+    Python thread state (gloo's run loop had one at that instant; so do new threads) hung in CPython 3.11's
+    after-fork clean-up (_PyThreadState_DeleteExcept, waiting for a lock held by a thread that does not exist in
+    the child): its rank waited for its first batch forever (the test suite, 2026-12-01, found with gdb). Python
+    3.12 warns about fork in a threaded process; 3.14 made forkserver Linux's default. Scripts that build a loader
+    with workers need the usual `if __name__ == "__main__":` guard: each worker imports the main script. The fork server is a fresh
+    single-threaded interpreter, one per process, started by the first loader; it imports what a worker needs
+    once (data/_forkserver.py) and ignores stop signals, and each worker forks from it in milliseconds. It also
+    means a worker never collects the trainer's garbage (an fsspec client's finalizer in a forked worker waited
+    1 s for an event loop that only the parent has). The trainer calls this first thing, so the server's
+    imports overlap its start-up (a loader would start it when built). The open-file limit is checked (and raised)
+    first: the server inherits it, and one started under a low limit lost the descriptors of every worker it
+    forked. Raises UserError when the hard limit is too low for ``workers``."""
+    from multiprocessing import forkserver
+    _enough_open_files(workers, prefetch_factor)
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["dcgan_dist.data._forkserver"])
+    forkserver.ensure_running()
+    return ctx
+
+
+def _worker_init(env: dict, worker_id: int) -> None:
+    """First thing in a worker: this process's environment as it is when the loader starts (a fork would have
+    copied it; the fork server holds the one of its own start, without e.g. credentials set since), the stop
+    signals ignored, and the trainer's log format (the fork server configured no logging)."""
+    os.environ.clear()
+    os.environ.update(env)
+    _ignore_stop_signals(worker_id)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

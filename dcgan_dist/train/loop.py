@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ..config import Config, flatten, to_toml
 from ..data import ShardLoader, to_device
+from ..data.loader import worker_context
 from ..data.shards import fingerprint
 from ..data.store import set_limits
 from ..errors import TrainingDiverged, UserError
@@ -147,6 +148,8 @@ def _train(cfg: Config, stop: StopRequest) -> dict:
     world = int(os.environ.get("WORLD_SIZE", 1))
     set_limits(cfg.data.timeout_s, cfg.data.deadline_s)       # every remote read of this run is bounded
     manifest = preflight(cfg, world)
+    if cfg.data.workers:
+        worker_context(cfg.data.workers)              # the workers' fork server starts importing now
     main = int(os.environ.get("RANK", 0)) == 0
     check_trackers(cfg.log)
     wandb = run_wandb_mode(cfg.log, main)            # may wait PROBE_TIMEOUT_S for W&B to answer
@@ -156,7 +159,7 @@ def _train(cfg: Config, stop: StopRequest) -> dict:
             lock = RunLock(cfg.run_dir)
         except UserError as e:
             lock_error = str(e)
-    loader = None
+    loader, acc = None, None
     try:
         acc = _accelerator(cfg, wandb)
         _raise_everywhere(acc, lock_error)
@@ -178,10 +181,15 @@ def _train(cfg: Config, stop: StopRequest) -> dict:
                              cfg.data.workers, cfg.train.seed, cfg.data.shuffle_window, state.loader_batches,
                              cfg.data.verify, cfg.data.resolution, cfg.data.channels,
                              pin_memory=acc.device.type == "cuda", manifest=manifest,
-                             cache_dir=cfg.data.cache_dir, cache_gb=cfg.data.cache_gb, stop=stop.reason)
+                             cache_dir=cfg.data.cache_dir, cache_gb=cfg.data.cache_gb, stop=stop.reason,
+                             batch_timeout_s=cfg.data.batch_timeout_s)
         evaluator = Evaluator(cfg.eval, cfg.data.shards, manifest, Dist.from_accelerator(acc)) \
             if cfg.eval.every else None
         return _loop(acc, cfg, nets, state, loader, stop, wandb, evaluator)
+    except UserError:
+        if acc is not None:
+            _leave_group()
+        raise
     finally:
         if loader is not None:
             loader.close()
@@ -197,7 +205,18 @@ def _raise_everywhere(acc: Accelerator, error: str | None) -> None:
         torch.distributed.broadcast_object_list(box, src=0)
         error = box[0]
     if error:
+        acc.end_training()            # every rank is here: the group (any backend) ends together, no trackers yet
         raise UserError(error)
+
+
+def _leave_group() -> None:
+    """Destroy the process group before a user error ends the process. Gloo's worker threads, left to the
+    interpreter's teardown, can abort it (SIGABRT, "terminate called without an active exception"; pytorch
+    issue 190489, PR 179291): CI saw rank 0's exit 2 become -6. Gloo's destroy is local, so it runs whatever
+    the other ranks do; NCCL's aborts communicators collectively and can hang on a rank still in a collective
+    (torchtitan PR 1342), so there only errors every rank raises together leave (see _raise_everywhere)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo":
+        torch.distributed.destroy_process_group()
 
 
 def _summary(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, stopped_by: str | None, **extra) -> dict:
