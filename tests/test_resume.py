@@ -291,14 +291,29 @@ def test_offline_wandb_prints_sync_and_no_file_holds_the_api_key(tiny, tmp_path,
 
 
 def test_resumed_run_continues_the_same_wandb_run(tiny, tmp_path):
+    """Also when the second segment starts within the same second as a folder of the first: wandb then names
+    its folder offline-run-<time>-<id>-1 (the clean clone's suite once resumed that fast), and the sync command
+    must still name it. Empty decoy folders for the next 2 minutes' timestamps make that collision certain."""
+    import datetime
+    import glob
     base = [f'runs_dir="{tmp_path}"', 'log.wandb="offline"', "checkpoint.every=2"]
     train(load_config(tiny, base + ["train.max_steps=2"]))
-    train(load_config(tiny, base + ["train.max_steps=4"]))
-    segments = sorted((tmp_path / "tiny" / "wandb").glob("offline-run-*"))
-    assert len(segments) == 2
-    ids = {p.name.rsplit("-", 1)[1] for p in segments}
+    wandb_dir = tmp_path / "tiny" / "wandb"
+    wandb_id = json.loads((tmp_path / "tiny" / "checkpoints" / "step_00000002" / "train_state.json").read_text())["wandb_id"]
+    now = datetime.datetime.now()
+    decoys = [wandb_dir / f"offline-run-{now + datetime.timedelta(seconds=s):%Y%m%d_%H%M%S}-{wandb_id}" for s in range(120)]
+    decoys = [d for d in decoys if not d.exists()]
+    for d in decoys:
+        d.mkdir()
+    summary = train(load_config(tiny, base + ["train.max_steps=4"]))
+    for d in decoys:
+        d.rmdir()                                                   # still empty: wandb wrote beside it
+    segments = sorted(wandb_dir.glob("offline-run-*"))
+    assert len(segments) == 2 and segments[1].name.endswith(f"-{wandb_id}-1")
+    ids = {re.fullmatch(r"offline-run-\d{8}_\d{6}-(\w{12})(-\d+)?", p.name).group(1) for p in segments}
     saved = json.loads((tmp_path / "tiny" / "checkpoints" / "step_00000004" / "train_state.json").read_text())
-    assert ids == {saved["wandb_id"]} and len(saved["wandb_id"]) == 12
+    assert ids == {saved["wandb_id"]} == {wandb_id} and len(saved["wandb_id"]) == 12
+    assert sorted(glob.glob(summary["sync_command"].split(" ", 2)[2])) == [str(s) for s in segments]
 
 
 def test_stop_file_single_process_exits_75_and_is_removed(tiny, tmp_path, cli):

@@ -136,7 +136,7 @@ def test_offline_segments_of_a_resumed_run_share_one_id_and_the_sync_command_nam
     segments = sorted((run / "wandb").glob("offline-run-*"))
     assert len(segments) == 2 and all(s.name.endswith(f"-{wandb_id}") for s in segments)     # one id, two folders
     assert all((s / f"run-{wandb_id}.wandb").is_file() for s in segments)
-    command = f"wandb sync {run / 'wandb'}/offline-run-*-{wandb_id}"
+    command = f"wandb sync {run / 'wandb'}/offline-run-*-{wandb_id}*"
     assert first.stdout.splitlines()[-2] == second.stdout.splitlines()[-2] == f"W&B ran offline; upload with: {command}"
     assert sorted(glob.glob(command.split(" ", 2)[2])) == [str(s) for s in segments]
     p = subprocess.run([str(Path(sys.executable).parent / "wandb"), "sync", "--dry-run", *map(str, segments)],

@@ -400,8 +400,9 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
         write_gif(run_dir / "samples")
         # Every job segment of the run wrote its own offline-run-<time>-<id> folder, all with the run's one id
         # (kept in the checkpoint): the command names them all (wandb sync uploads one id's in start-time order).
-        if wandb == "offline" and state.wandb_id and list((run_dir / "wandb").glob(f"offline-run-*-{state.wandb_id}")):
-            summary["sync_command"] = f"wandb sync {shlex.quote(str(run_dir / 'wandb'))}/offline-run-*-{state.wandb_id}"
+        # A segment that started within the same second as another got wandb's suffix: offline-run-<time>-<id>-1.
+        if wandb == "offline" and state.wandb_id and list((run_dir / "wandb").glob(f"offline-run-*-{state.wandb_id}*")):
+            summary["sync_command"] = f"wandb sync {shlex.quote(str(run_dir / 'wandb'))}/offline-run-*-{state.wandb_id}*"
     tracked.finish()
     acc.end_training()
     return summary
