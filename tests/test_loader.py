@@ -351,4 +351,5 @@ def test_a_worker_that_stops_answering_ends_the_run_with_one_line_naming_its_pid
     assert last.startswith("error: ") and ": no batch for 3 s (data.batch_timeout_s) at batch " in last
     assert f"its worker(s) (pid {workers[0].pid}) are alive and sent nothing" in last
     assert last.endswith("raise data.batch_timeout_s") and "Traceback" not in err
+    assert "resource_tracker" not in err          # its warnings about the killed worker's semaphores came after it
     assert not psutil.pid_exists(workers[0].pid) or workers[0].status() == psutil.STATUS_ZOMBIE

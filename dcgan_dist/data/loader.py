@@ -460,7 +460,17 @@ def worker_context(workers: int, prefetch_factor: int = 4):
     _enough_open_files(workers, prefetch_factor)
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["dcgan_dist.data._forkserver"])
-    forkserver.ensure_running()
+    # The fork server starts multiprocessing's resource tracker too; at exit after killed workers it warned about
+    # their queues' semaphores (which it then removes) below the run's one-line outcome. Its warnings are off.
+    before = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [before, "ignore:resource_tracker:UserWarning"]))
+    try:
+        forkserver.ensure_running()
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONWARNINGS")
+        else:
+            os.environ["PYTHONWARNINGS"] = before
     return ctx
 
 
