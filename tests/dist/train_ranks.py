@@ -4,6 +4,7 @@ G and D during gan_step, and check the G step leaves D's gradients untouched."""
 
 import hashlib
 import json
+import os
 import sys
 
 import torch
@@ -72,9 +73,15 @@ def main():   # guarded: the loader's workers start from a fork server, which im
     with open(f"{out}.rank{rank}.json", "w") as f:
         json.dump(result, f)
     if mode != "train":
-        # tear the group down before interpreter exit: with a comm hook registered, gloo otherwise sometimes
-        # aborts at exit ("terminate called without an active exception")
+        # A Python comm hook ran on gloo's threads: tearing the interpreter down with it registered aborted a
+        # rank now and then ("terminate called without an active exception", SIGABRT), even after
+        # end_training (seen again 2026-12-01). The result is written; leave without the teardown. (train()
+        # registers no hook: the trainer never needs this.)
+        torch.distributed.barrier()
         acc.end_training()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
