@@ -353,3 +353,51 @@ def test_a_worker_that_stops_answering_ends_the_run_with_one_line_naming_its_pid
     assert last.endswith("raise data.batch_timeout_s") and "Traceback" not in err
     assert "resource_tracker" not in err          # its warnings about the killed worker's semaphores came after it
     assert not psutil.pid_exists(workers[0].pid) or workers[0].status() == psutil.STATUS_ZOMBIE
+
+
+def test_workers_that_never_start_are_an_error_after_batch_timeout_s_never_a_hang(tiny):
+    """Starting the workers waits for multiprocessing's fork server, without a bound of its own. With the server
+    stopped (SIGSTOP), iter() of the DataLoader blocked the trainer's main thread for ever; the workers now start
+    in the feeder thread, so the wait for the first batch is bounded by batch_timeout_s like any other."""
+    import signal
+    import time
+    from multiprocessing import forkserver
+
+    import psutil
+    from dcgan_dist.config import load_config
+    loader = ShardLoader(load_config(tiny).data.shards, batch_size=16, num_workers=1, batch_timeout_s=2)
+    server = psutil.Process(forkserver._forkserver._forkserver_pid)
+    others = {c.pid for c in server.children()}           # workers of other loaders in this process
+    server.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(UserError) as e:
+            next(iter(loader))
+        took = time.monotonic() - t0
+    finally:
+        loader.close()
+        server.send_signal(signal.SIGCONT)
+    assert str(e.value).startswith(f"{loader.root}: no batch for 2 s (data.batch_timeout_s) at batch 0: its 1 "
+                                   f"worker(s) have not started (multiprocessing's fork server did not answer);")
+    assert 2 <= took < 30
+    deadline = time.monotonic() + 30          # the server, running again, starts the worker; the feeder stops it
+    while loader._feeder.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not loader._feeder.is_alive()
+    assert not [c for c in server.children() if c.pid not in others and c.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_close_returns_when_a_killed_worker_held_the_done_events_lock(tiny):
+    """Each worker takes the lock of the DataLoader's done event between batches; killed while holding it, it
+    left torch's shutdown (Event.set) blocked for ever, and so the trainer's exit (found in the clean clone's
+    suite). Holding that lock here stands in for the dead worker: close() must still return at once."""
+    import threading
+    from dcgan_dist.config import load_config
+    loader = ShardLoader(load_config(tiny).data.shards, batch_size=16, num_workers=1)
+    next(iter(loader))
+    it = loader._it
+    assert it._workers_done_event._cond._lock.acquire(timeout=10)         # as a worker killed inside is_set()
+    closing = threading.Thread(target=loader.close, daemon=True)
+    closing.start()
+    closing.join(30)
+    assert not closing.is_alive() and not any(w.is_alive() for w in it._workers)

@@ -272,6 +272,7 @@ class ShardLoader:
         self.batch_timeout_s = batch_timeout_s
         self._it = self._feeder = None
         self._closed = threading.Event()
+        self._lock = threading.Lock()
         _LIVE.add(self)
         self._dl = DataLoader(self.stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                               prefetch_factor=prefetch_factor if num_workers else None,
@@ -304,25 +305,16 @@ class ShardLoader:
         of a silent server would not answer (torch would wait 10 s for it, then leave it running)."""
         self._closed.set()
         self.store.cancel()                 # reads in flight in this process end (workers=0, remote shards)
-        it, self._it = self._it, None
-        if it is None or not hasattr(it, "_shutdown_workers"):
-            return
-        if getattr(it, "_worker_pids_set", False):        # torch's SIGCHLD check would call a killed worker a crash
-            from torch.utils.data import _utils
-            _utils.signal_handling._remove_worker_pids(id(it))
-            it._worker_pids_set = False
-        for w in getattr(it, "_workers", []):
-            if w.is_alive():
-                w.kill()
-        it._shutdown_workers()
+        with self._lock:                    # the feeder thread may be starting the workers right now (_feed)
+            it, self._it = self._it, None
+        _stop_workers(it)
 
     def __iter__(self):
         B, W = self.stream.B, self.num_slots
         pending: dict = {}                 # batch index -> batch, to restore the global order
         self._dl.worker_init_fn = functools.partial(_worker_init, dict(os.environ))     # this process's, now
-        self._it = iter(self._dl)
         items: queue.Queue = queue.Queue(maxsize=2)
-        self._feeder = threading.Thread(target=self._feed, args=(self._it, items), name="loader-feeder", daemon=True)
+        self._feeder = threading.Thread(target=self._feed, args=(items,), name="loader-feeder", daemon=True)
         self._feeder.start()
         while True:
             x, y, g, corrupt = self._next_item(items)
@@ -338,10 +330,17 @@ class ShardLoader:
                 self.batches += 1
                 yield batch
 
-    def _feed(self, it, items: queue.Queue) -> None:
-        """The feeder thread: the DataLoader's items (or the exception that ended them) into ``items``. The main
-        thread waits on ``items`` with a timeout, so it sees a stop request while no batch comes (a hung read)."""
+    def _feed(self, items: queue.Queue) -> None:
+        """The feeder thread: starts the DataLoader's workers, then puts its items (or the exception that ended
+        them) into ``items``. The main thread waits on ``items`` with a timeout, so it sees a stop request, or
+        passes batch_timeout_s, while no batch comes: a hung read, or workers that never start."""
         try:
+            it = iter(self._dl)
+            with self._lock:
+                if self._closed.is_set():                 # closed while the workers started: stop them here
+                    _stop_workers(it)
+                    return
+                self._it = it
             for item in it:
                 while not self._closed.is_set():
                     try:
@@ -386,8 +385,12 @@ class ShardLoader:
     def _silent(self) -> str:
         """The error for a loader that sent no batch for batch_timeout_s: which processes to look at."""
         workers = [w for w in getattr(self._it, "_workers", []) if w.is_alive()]
-        who = (f"its worker(s) (pid {', '.join(str(w.pid) for w in workers)}) are alive and sent nothing"
-               if workers else f"the reads in this process (pid {os.getpid()}) returned nothing")
+        if workers:
+            who = f"its worker(s) (pid {', '.join(str(w.pid) for w in workers)}) are alive and sent nothing"
+        elif self._it is None and self._dl.num_workers:
+            who = f"its {self._dl.num_workers} worker(s) have not started (multiprocessing's fork server did not answer)"
+        else:
+            who = f"the reads in this process (pid {os.getpid()}) returned nothing"
         return (f"{self.root}: no batch for {self.batch_timeout_s:g} s (data.batch_timeout_s) at batch "
                 f"{self.batches}: {who}; `py-spy dump --pid PID` shows where they wait; if the storage is this "
                 f"slow, raise data.batch_timeout_s")
@@ -472,6 +475,33 @@ def worker_context(workers: int, prefetch_factor: int = 4):
         else:
             os.environ["PYTHONWARNINGS"] = before
     return ctx
+
+
+def _stop_workers(it) -> None:
+    """Kill a DataLoader iterator's workers and release its queues (see ShardLoader.close); None: nothing to do.
+
+    Not torch's _shutdown_workers: it first sets the workers' done event, a multiprocessing Event whose lock
+    each worker takes between batches; a worker killed while holding it left the trainer blocked in
+    Event.set() for ever, at its exit (a 2-rank launch in the clean clone's suite, 2026-12-01, found alive
+    42 minutes later with py-spy). The workers are dead here; nothing needs that event."""
+    if it is None or not hasattr(it, "_shutdown_workers"):
+        return
+    if getattr(it, "_worker_pids_set", False):        # torch's SIGCHLD check would call a killed worker a crash
+        from torch.utils.data import _utils
+        _utils.signal_handling._remove_worker_pids(id(it))
+        it._worker_pids_set = False
+    it._shutdown = True                                # its __del__ must not run _shutdown_workers either
+    for w in it._workers:
+        if w.is_alive():
+            w.kill()
+    for w in it._workers:
+        w.join(timeout=5)
+    if hasattr(it, "_pin_memory_thread"):              # a thread: it sees its (threading) done event within 5 s
+        it._pin_memory_thread_done_event.set()
+        it._pin_memory_thread.join(timeout=10)
+    for q in (*it._index_queues, it._worker_result_queue):
+        q.cancel_join_thread()
+        q.close()
 
 
 def _worker_init(env: dict, worker_id: int) -> None:
