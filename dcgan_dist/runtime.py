@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import signal
 import sys
@@ -150,3 +151,11 @@ def injected_fault(rank: int) -> tuple[str, int] | None:
     if kind and rest and (len(rest) < 2 or int(rest[1]) == rank):
         return kind, int(rest[0])
     return None
+
+
+def setup_logging() -> None:
+    """INFO lines as "LEVEL logger: message", for the entry points and the loader's workers; accelerate's own
+    INFO lines (~84 in the demo) only when ACCELERATE_LOG_LEVEL asks for them. A no-op where logging is set up."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not os.environ.get("ACCELERATE_LOG_LEVEL"):
+        logging.getLogger("accelerate").setLevel(logging.WARNING)

@@ -23,10 +23,13 @@ def frechet(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa + sb - 2 * root))
 
 
-def line(name: str, a: torch.Tensor, b: torch.Tensor) -> str:
-    p, r = precision_recall(a, b)
-    return f"{name}: Frechet distance {frechet(a, b):.4f}, precision {p:.3f}, recall {r:.3f}, pixel std ratio " \
-           f"{std_ratio(a, b):.3f}"
+def measures(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float, float]:
+    """Frechet distance, precision, recall and pixel-std ratio of ``b`` against the reference ``a``."""
+    return (frechet(a, b), *precision_recall(a, b), std_ratio(a, b))
+
+
+def line(name: str, fd: float, precision: float, recall: float, std: float) -> str:
+    return f"{name}: Frechet distance {fd:.4f}, precision {precision:.3f}, recall {recall:.3f}, pixel std ratio {std:.3f}"
 
 
 if __name__ == "__main__":
@@ -43,7 +46,8 @@ if __name__ == "__main__":
     f = native(x).double()
     perm = torch.randperm(len(f), generator=torch.Generator().manual_seed(args.seed))
     a, b = f[perm[: len(f) // 2]], f[perm[len(f) // 2:]]
-    print(line(f"real half B ({len(b)}) vs real half A ({len(a)}) at {args.resolution}x{args.resolution}", a, b))
+    print(line(f"real half B ({len(b)}) vs real half A ({len(a)}) at {args.resolution}x{args.resolution}",
+               *measures(a, b)))
     for ckpt in args.checkpoint:
         G, which, _ = load_generator(ckpt, raw=args.raw)
         rows = []
@@ -51,8 +55,5 @@ if __name__ == "__main__":
             z = torch.randn(len(b), G.latent, generator=torch.Generator().manual_seed(seed))
             with torch.no_grad():
                 images = ((G(z) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-            g = native(images).double()
-            rows.append((frechet(a, g), *precision_recall(a, g), std_ratio(a, g)))
-        fd, p, r, s = np.mean(rows, 0)
-        print(f"{ckpt} ({which}, {len(b)} images x 3 seeds) vs real half A: Frechet distance {fd:.4f}, "
-              f"precision {p:.3f}, recall {r:.3f}, pixel std ratio {s:.3f}")
+            rows.append(measures(a, native(images).double()))
+        print(line(f"{ckpt} ({which}, {len(b)} images x 3 seeds) vs real half A", *np.mean(rows, 0)))

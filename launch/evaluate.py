@@ -12,7 +12,6 @@ if __name__ == "__main__":
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 
 from dcgan_dist.config import load_config
 from dcgan_dist.errors import UserError
-from dcgan_dist.runtime import die_with_parent
+from dcgan_dist.runtime import die_with_parent, setup_logging
 
 
 def main(argv=None) -> int:
@@ -34,9 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
                    help="override an [eval] setting, e.g. --set eval.features=inception")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if not os.environ.get("ACCELERATE_LOG_LEVEL"):      # accelerate's own INFO lines on request only
-        logging.getLogger("accelerate").setLevel(logging.WARNING)
+    setup_logging()
     if "LOCAL_RANK" in os.environ:
         die_with_parent()
     try:

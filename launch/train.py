@@ -14,14 +14,14 @@ if __name__ == "__main__":      # not when a loader worker imports this file as 
     STOP.install()
 
 import argparse  # noqa: E402
-import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
 from dcgan_dist.config import load_config  # noqa: E402
 from dcgan_dist.errors import StoppedWaiting, TrainingDiverged, UserError, disk_error  # noqa: E402
 from dcgan_dist.runtime import (EXIT_DIVERGED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED,  # noqa: E402
-                                EXIT_USER_ERROR, LauncherGone, die_with_parent, outcome_recorded, record_outcome)
+                                EXIT_USER_ERROR, LauncherGone, die_with_parent, outcome_recorded, record_outcome,
+                                setup_logging)
 
 UNDER_LAUNCHER = "LOCAL_RANK" in os.environ
 MAIN = int(os.environ.get("RANK", 0)) == 0
@@ -70,9 +70,7 @@ def main(argv=None) -> int:
             p.print_usage(sys.stderr)
         return finish(EXIT_USER_ERROR, "error: no --config given; name one of configs/*.toml, e.g. "
                                        "python launch/train.py --config configs/digits.toml")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if not os.environ.get("ACCELERATE_LOG_LEVEL"):      # accelerate's own INFO lines (~84 in the demo) on request only
-        logging.getLogger("accelerate").setLevel(logging.WARNING)
+    setup_logging()
     if UNDER_LAUNCHER:
         die_with_parent()                     # the launcher's death is a stop request; see also STOP.orphaned
     try:

@@ -42,6 +42,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import StoppedWaiting, UserError, brief
+from ..runtime import setup_logging
 from .shards import fingerprint, load_manifest, read_chunk
 from .store import Store
 
@@ -381,7 +382,6 @@ class ShardLoader:
             raise error
         return item
 
-
     def _silent(self) -> str:
         """The error for a loader that sent no batch for batch_timeout_s: which processes to look at."""
         workers = [w for w in getattr(self._it, "_workers", []) if w.is_alive()]
@@ -450,15 +450,16 @@ def worker_context(workers: int, prefetch_factor: int = 4):
     Python thread state (gloo's run loop had one at that instant; so do new threads) hung in CPython 3.11's
     after-fork clean-up (_PyThreadState_DeleteExcept, waiting for a lock held by a thread that does not exist in
     the child): its rank waited for its first batch forever (the test suite, 2026-12-01, found with gdb). Python
-    3.12 warns about fork in a threaded process; 3.14 made forkserver Linux's default. Scripts that build a loader
-    with workers need the usual `if __name__ == "__main__":` guard: each worker imports the main script. The fork server is a fresh
-    single-threaded interpreter, one per process, started by the first loader; it imports what a worker needs
-    once (data/_forkserver.py) and ignores stop signals, and each worker forks from it in milliseconds. It also
-    means a worker never collects the trainer's garbage (an fsspec client's finalizer in a forked worker waited
-    1 s for an event loop that only the parent has). The trainer calls this first thing, so the server's
-    imports overlap its start-up (a loader would start it when built). The open-file limit is checked (and raised)
-    first: the server inherits it, and one started under a low limit lost the descriptors of every worker it
-    forked. Raises UserError when the hard limit is too low for ``workers``."""
+    3.12 warns about fork in a threaded process; 3.14 made forkserver Linux's default. Scripts that build a
+    loader with workers need the usual `if __name__ == "__main__":` guard: each worker imports the main script.
+
+    The fork server is a fresh single-threaded interpreter, one per process, started by the first loader; it
+    imports what a worker needs once (data/_forkserver.py) and ignores stop signals, and each worker forks from
+    it in milliseconds. A worker never collects the trainer's garbage (an fsspec client's finalizer in a forked
+    worker waited 1 s for an event loop that only the parent has). The trainer calls this first thing, so the
+    server's imports overlap its start-up; a loader's own call then finds it running. The open-file limit is
+    checked (and raised) first: the server inherits it, and one started under a low limit lost the descriptors
+    of every worker it forked. Raises UserError when the hard limit is too low for ``workers``."""
     from multiprocessing import forkserver
     _enough_open_files(workers, prefetch_factor)
     ctx = multiprocessing.get_context("forkserver")
@@ -511,8 +512,7 @@ def _worker_init(env: dict, worker_id: int) -> None:
     os.environ.clear()
     os.environ.update(env)
     _ignore_stop_signals(worker_id)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

@@ -159,7 +159,7 @@ def _train(cfg: Config, stop: StopRequest) -> dict:
             lock = RunLock(cfg.run_dir)
         except UserError as e:
             lock_error = str(e)
-    loader, acc = None, None
+    loader = None
     try:
         acc = _accelerator(cfg, wandb)
         _raise_everywhere(acc, lock_error)
@@ -187,8 +187,7 @@ def _train(cfg: Config, stop: StopRequest) -> dict:
             if cfg.eval.every else None
         return _loop(acc, cfg, nets, state, loader, stop, wandb, evaluator)
     except UserError:
-        if acc is not None:
-            _leave_group()
+        _leave_group()
         raise
     finally:
         if loader is not None:
