@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -75,7 +74,7 @@ def test_a_failure_on_one_rank_ends_every_rank_promptly(tiny, tmp_path, fault, c
 @pytest.mark.parametrize("overrides, message", [
     (['data.shards="{tmp}/nowhere"'], "error: {tmp}/nowhere/manifest.json: no manifest; create shards with "
                                       "launch/prepare_data.py"),
-    (["train.batch_size=1000"], "images cannot fill one batch of 1000 for each of 2 ranks x 1 loader workers"),
+    (["train.batch_size=1000"], "images cannot fill one batch of 1000 for each of 2 ranks; lower the batch size"),
     (['runs_dir="{tmp}/file"'], "error: run directory {tmp}/file/tiny: cannot write"),
 ])
 def test_a_user_error_under_the_launcher_is_the_last_line_and_exit_2(tiny, tmp_path, overrides, message):

@@ -56,6 +56,46 @@ def test_restart_at_any_batch_continues_exactly(tmp_path, workers, start):
     assert ids(take(resumed, 40 - start)) == full[start:]
 
 
+def test_the_batches_do_not_depend_on_the_worker_count(tmp_path):
+    """Issue 16 §7: the epoch was cut into one slot per worker, so a resume with another data.workers saw other
+    batches. Windows of 7 batches shipped as 2 items of up to 4 (group = 512 // 128), a short last window per
+    epoch (23 = 3 x 7 + 2): every worker count and every restart gives the one stream of workers = 0."""
+    write_indexed_shards(tmp_path, 3000, resolution=8, channels=1, shard_size=700, chunk_size=50)
+    kw = dict(batch_size=128, seed=4, shuffle_window=1000)
+    reference = ShardLoader(tmp_path, num_workers=0, **kw)
+    assert (reference.batches_per_epoch, reference.stream.window_batches, reference.stream.parts) == (23, 7, 2)
+    want = ids(take(reference, 60))
+    assert sorted(sum(want[:23], [])) != sorted(sum(want[23:46], []))        # 3000 - 23*128 left out, other ones
+    for workers in (1, 2, 3, 5):
+        for start in (0, 9, 22, 30):
+            loader = ShardLoader(tmp_path, num_workers=workers, start_batch=start, **kw)
+            assert ids(take(loader, 60 - start)) == want[start:], (workers, start)
+            loader.close()
+
+
+def test_workers_run_the_dcgan_dist_the_trainer_imported(tmp_path):
+    """The fork server imports dcgan_dist before it forks each worker, and CPython 3.11 never applies the sys.path
+    it is handed: a script that put another checkout first on sys.path had workers running the installed copy's
+    code (an A/B benchmark of two trees here)."""
+    other = tmp_path / "other"
+    shutil.copytree(ROOT / "dcgan_dist", other / "dcgan_dist", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "probe.py").write_text("def where():\n    import dcgan_dist.data.loader as m\n    return m.__file__\n")
+    script = tmp_path / "script.py"
+    script.write_text(f"""import sys
+sys.path[:0] = [{str(other)!r}, {str(tmp_path)!r}]
+import probe
+from dcgan_dist.data.loader import worker_context
+if __name__ == "__main__":
+    with worker_context(1).Pool(1) as pool:
+        print(probe.where())
+        print(pool.apply(probe.where))
+""")
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd="/")
+    assert p.returncode == 0, p.stderr[-2000:]
+    here, worker = p.stdout.split()
+    assert here == worker == str(other / "dcgan_dist" / "data" / "loader.py")
+
+
 def test_same_seed_same_stream_other_seed_other_stream(tmp_path):
     write_indexed_shards(tmp_path, 128, shard_size=32, chunk_size=8)
     a = ids(take(ShardLoader(tmp_path, batch_size=8, num_workers=2, seed=1), 16))
@@ -93,14 +133,14 @@ def test_two_ranks_uneven_and_fewer_shards_than_slots(tmp_path):
     """3 shards of 60/60/23 images for 2 ranks x 2 workers: equal batch counts, few images left out."""
     write_indexed_shards(tmp_path / "s", 143, resolution=8, channels=1, shard_size=60, chunk_size=16)
     ranks = launch_ranks(tmp_path / "s", tmp_path / "a", 8, 2, 5, 1)
-    assert [len(r["batches"]) for r in ranks] == [8, 8]         # 143 // (4 slots * 8) = 4 per slot, 2 slots a rank
+    assert [len(r["batches"]) for r in ranks] == [8, 8]         # 143 // (2 ranks * 8) = 8 a rank
     seen = sum((b for r in ranks for b in r["batches"]), [])
-    assert len(seen) == len(set(seen)) == 128                   # no repeats; 15 (< 4*8) left out this epoch
+    assert len(seen) == len(set(seen)) == 128                   # no repeats; 15 (< 2*8) left out this epoch
 
 
 def test_too_small_dataset_is_a_clear_error(tmp_path):
     write_indexed_shards(tmp_path, 20, shard_size=20)
-    with pytest.raises(UserError, match="cannot fill one batch of 16 for each of 2 ranks x 1 loader workers"):
+    with pytest.raises(UserError, match="20 images cannot fill one batch of 16 for each of 2 ranks; lower the batch size"):
         ShardLoader(tmp_path, batch_size=16, world_size=2, num_workers=1)
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, accelerate_launch, free_port
+from conftest import ROOT, free_port
 from dcgan_dist.config import load_config
 from dcgan_dist.errors import UserError
 from dcgan_dist.train import train
@@ -128,18 +128,22 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run(tiny, reference, resum
     assert [e[0] for e in reference["evals"]] == [10, 20, 30, 40]
 
 
+@pytest.mark.parametrize("workers", [(0, 0, 0), (0, 2, 3)], ids=["same-workers", "workers-0-2-3"])
 def test_stop_and_resume_with_evaluation_is_bitwise_the_uninterrupted_run(tiny, tmp_path, classifier_cache,
-                                                                          monkeypatch):
+                                                                          monkeypatch, workers):
     """One process, the demo's settings (EMA, FID every few steps, raw grids): stopped by a STOP file at step 5
-    and resumed, it ends at step 20 with the same G, D, G_ema, losses and FIDs as a run never stopped."""
+    and resumed, it ends at step 20 with the same G, D, G_ema, losses and FIDs as a run never stopped. Issue 16
+    §7: also when the run never stopped used no loader worker, the stopped one 2 and the resumed one 3 (windows
+    of 4 batches, so each worker serves other windows)."""
     import dcgan_dist.train.loop as loop
     demo = ["train.max_steps=20", "train.sync_every=1", "checkpoint.every=100", "log.every=1", "log.sample_every=5",
             "model.ema=true", "model.ema_kimg=0.1", "log.raw_grid=true", "eval.every=8", "eval.n=64",
             "eval.batch_size=32", "eval.kid_subset_size=32", "eval.kid_subsets=2",
-            f'eval.cache_dir="{classifier_cache}"']
+            f'eval.cache_dir="{classifier_cache}"', "data.shuffle_window=64"]
     results = {}
     for name in ("uninterrupted", "stopped"):
-        cfg = load_config(tiny, [f'runs_dir="{tmp_path / name}"', *demo])
+        w = workers[0] if name == "uninterrupted" else workers[1]
+        cfg = load_config(tiny, [f'runs_dir="{tmp_path / name}"', *demo, f"data.workers={w}"])
         if name == "stopped":
             steps = []
 
@@ -152,6 +156,7 @@ def test_stop_and_resume_with_evaluation_is_bitwise_the_uninterrupted_run(tiny, 
                 m.setattr(loop, "gan_step", gan_step)
                 assert train(cfg)["stopped_by"] == "STOP file"
             assert max(p.name for p in (cfg.run_dir / "checkpoints").glob("step_*")) == "step_00000005"
+            cfg = load_config(tiny, [f'runs_dir="{tmp_path / name}"', *demo, f"data.workers={workers[2]}"])
         summary = train(cfg)
         assert summary["step"] == 20
         rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -542,28 +547,20 @@ def test_a_checkpoint_write_failing_inside_a_library_is_one_line_and_exit_2(tiny
     assert list(ckpt.iterdir()) == []
 
 
-def test_a_changed_worker_count_on_resume_is_refused_as_breaking(tiny, tmp_path):
-    """Issue 16 §7: it was logged as a safe change ("does not change the data order") while the batches after the
-    resume differed (the epoch is cut into max(1, workers) slots). 0 <-> 1 is the same order and stays allowed."""
-    import itertools
-
-    from dcgan_dist.data import ShardLoader
-    from dcgan_dist.data.synthetic import image_index
+def test_a_checkpoint_from_the_per_worker_epoch_plan_is_refused_only_when_its_order_differs():
+    """Checkpoints written before DATA_ORDER 2 (no data_order in their state) cut the epoch per worker: resumed with
+    workers 0 or 1 they continue exactly (the same order), with more workers the change is named and refused."""
+    from dcgan_dist.data.loader import DATA_ORDER
+    from dcgan_dist.train.checkpoint import TrainState
     from dcgan_dist.train.rundir import compare
-    shards = load_config(tiny).data.shards
-
-    def ids(workers):
-        loader = ShardLoader(shards, batch_size=16, num_workers=workers, seed=0, start_batch=3)
-        try:
-            return [image_index(x.numpy()).tolist() for x, _ in itertools.islice(loader, 4)]
-        finally:
-            loader.close()
-    assert ids(0) == ids(1) != ids(2)                       # why: the order depends on max(1, workers)
-    safe, breaking = compare({"data.workers": 0}, {"data.workers": 1})
-    assert safe == ["data.workers: 0 -> 1 (the same data order)"] and breaking == []
-    base = [f'runs_dir="{tmp_path}"', "checkpoint.every=2"]
-    train(load_config(tiny, base + ["train.max_steps=2"]))
-    with pytest.raises(UserError, match=r"changes that break an exact continuation: data.workers: 0 -> 2 \(the epoch "
-                                        r"is cut into one slot per loader worker"):
-        train(load_config(tiny, base + ["train.max_steps=4", "data.workers=2"]))
-    assert train(load_config(tiny, base + ["train.max_steps=4", "data.workers=1"]))["step"] == 4
+    state = TrainState(torch.zeros(1))
+    state.load_json({"step": 5, "loader_batches": 5, "skipped_d": 0, "skipped_g": 0, "wandb_id": ""})
+    assert state.data_order == 1 and DATA_ORDER == 2
+    now = {"data.workers": 4, "data_order": DATA_ORDER}
+    assert compare({"data.workers": 1, "data_order": 1}, now) == (
+        ["data.workers: 1 -> 4 (the data order does not depend on it)"], [])
+    safe, breaking = compare({"data.workers": 2, "data_order": 1}, {"data.workers": 2, "data_order": DATA_ORDER})
+    assert safe == [] and len(breaking) == 1 and breaking[0].startswith(
+        "data order: the checkpoint's loader cut each epoch into one part per worker (data.workers = 2")
+    assert compare({"data.workers": 2, "data_order": 2}, now) == (
+        ["data.workers: 2 -> 4 (the data order does not depend on it)"], [])

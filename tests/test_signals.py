@@ -4,7 +4,6 @@ workers and W&B's service. No rank outlives its launcher by more than one step. 
 stand for two nodes."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import psutil
 import pytest
 
 from conftest import ROOT, free_port
-from test_failures import LAUNCH, SLOW, run_cmd, tree, wait_gone
+from test_failures import SLOW, run_cmd, tree, wait_gone
 from test_resume import STEPS, assert_bitwise_equal, env, final_weights, last_step, reference, resumable, \
     wait_for_step  # noqa: F401 - reference and resumable are fixtures
 

@@ -266,7 +266,7 @@ def test_dry_run_prints_config_data_and_parameter_counts(tiny, cli, tmp_path):
     assert p.stderr.splitlines()[-1].startswith("error: ") and "resolution 32 but the run asks for 64" in p.stderr.splitlines()[-1]
     p = cli("train.py", "--config", tiny, "--dry-run", "--set", "train.batch_size=1000", check=False,
             env={"WORLD_SIZE": "2"})
-    assert p.returncode == 2 and "1797 images cannot fill one batch of 1000 for each of 2 ranks x 1 loader" in p.stderr
+    assert p.returncode == 2 and "1797 images cannot fill one batch of 1000 for each of 2 ranks; lower the batch" in p.stderr
 
 
 def test_sample_writes_n_images_and_a_grid(tiny, tmp_path, cli):

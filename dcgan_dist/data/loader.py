@@ -1,28 +1,33 @@
 """Streaming loader: shards -> uint8 batches, split across ranks and workers, equal and resumable.
 
-How an epoch is planned (a pure function of seed, epoch, world size and worker count):
+How an epoch is planned (a pure function of seed, epoch and world size; the worker count changes nothing):
 
 1. The chunks of every shard (``chunk_size`` images each, see shards.py) are permuted with
    ``rng(seed, epoch)`` and laid end to end: one sequence of all N images.
-2. The sequence is cut into ``S = world_size * num_workers`` equal *slots* of ``L = N // (S * B) * B``
-   images (B = batch size per rank). Rank r reads slots ``r*W .. r*W + W-1``, one per loader worker.
-   The last ``N - S*L`` images of the sequence (fewer than ``S*B``) are left out this epoch; the
-   permutation changes them every epoch. When N is a multiple of S*B every image is seen exactly once.
-3. A slot is read in *windows* of ``k*B`` images (``k = shuffle_window // B``); each window is
-   gathered from the ~``shuffle_window / chunk_size`` chunks it overlaps (random places in the dataset)
-   and permuted with ``rng(seed, epoch, slot, window)``; batches are consecutive slices of it.
+2. The sequence is cut into one *slot* per rank of ``L = N // (world_size * B) * B`` images (B = batch size
+   per rank); rank r reads slot r. The last ``N - world_size*L`` images of the sequence (fewer than
+   ``world_size*B``) are left out this epoch; the permutation changes them every epoch. When N is a multiple
+   of world_size*B every image is seen exactly once.
+3. A slot is read in *windows* of ``k*B`` images (``k = shuffle_window // B``, the last window of an epoch
+   shorter); each window is gathered from the ~``shuffle_window / chunk_size`` chunks it overlaps (random
+   places in the dataset) and permuted with ``rng(seed, epoch, rank, window)``; batches are consecutive
+   slices of it.
 
-So every rank yields exactly ``W * L / B`` batches per epoch, whatever the shard count (fewer shards
-than ranks x workers included), and batch ``g`` of a rank is determined by ``(seed, g)``: a run
-restarted at batch ``g`` continues with the very batch it would have seen (``start_batch``).
+So every rank yields exactly ``L / B`` batches per epoch, whatever the shard count, and batch ``g`` of a
+rank is determined by ``(seed, g)``: a run restarted at batch ``g`` continues with the very batch it would
+have seen (``start_batch``), with any number of workers.
 
-The DataLoader round-robins over its workers and its workers never end, so batch ``g`` always comes
-from worker ``g % W``; on a restart at ``g0`` worker ``k`` serves logical slot ``(k + g0) % W``.
+The W loader workers share the windows out: counting a rank's windows across epochs from the one holding
+``start_batch``, worker k builds windows k, k+W, k+2W, ... and hands each over as exactly ``parts`` items of
+up to ``group`` consecutive batches (empty items pad a short window). The DataLoader takes one item from each
+worker in turn, so item i is part ``i // W % parts`` of window ``i % W + i // (W * parts) * W``; the trainer
+puts the batches back in order, holding at most about W - 1 windows meanwhile.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import functools
 import concurrent.futures.thread  # noqa: F401 - registers its exit hook before ours (see _cancel_live_reads)
@@ -31,6 +36,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 import weakref
@@ -48,13 +54,18 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
+# The epoch plan's version, kept in checkpoints (TrainState.data_order): 1 cut each rank's share into one slot
+# per worker (dcgan_dist before 2026-12-01; the same order as 2 for workers 0 and 1); 2 is the plan above.
+DATA_ORDER = 2
+
 
 class _ShardStream(IterableDataset):
     """The per-worker producer. Yields ``(images, labels, first_batch_index, corrupt_chunks)`` forever;
-    ``images`` holds n consecutive batches of its slot, i.e. rank batches g, g+W, ..., g+(n-1)W."""
+    ``images`` holds up to ``group`` consecutive batches of one window, rank batches g, g+1, ... (none in an
+    item that pads a window to ``parts`` items)."""
 
     def __init__(self, store: Store, manifest: dict, batch_size: int, rank: int, world_size: int,
-                 num_slots: int, seed: int, shuffle_window: int, start_batch: int, check: bool,
+                 num_workers: int, seed: int, shuffle_window: int, start_batch: int, check: bool,
                  concurrency: int) -> None:
         self.store = store
         self.check = check
@@ -64,64 +75,71 @@ class _ShardStream(IterableDataset):
         self.chunks = [(s["name"], c) for s in manifest["shards"] for c in s["chunks"]]
         self.sizes = np.array([c["n"] for _, c in self.chunks], dtype=np.int64)
         n = int(self.sizes.sum())
-        self.B, self.rank, self.W, self.seed = batch_size, rank, num_slots, seed
-        self.batches_per_slot = n // (world_size * num_slots * batch_size)
-        self.slot_len = self.batches_per_slot * batch_size
-        self.window_batches = max(1, shuffle_window // batch_size)
-        self.start_batch = start_batch
+        self.B, self.rank, self.W, self.seed = batch_size, rank, max(1, num_workers), seed
+        self.batches_per_epoch = n // (world_size * batch_size)
+        self.slot_len = self.batches_per_epoch * batch_size
+        self.window_batches = max(1, min(shuffle_window // batch_size, self.batches_per_epoch))
+        self.windows_per_epoch = -(-self.batches_per_epoch // self.window_batches)
+        # Ship up to `group` consecutive batches at once (one contiguous slice of the window): IPC costs per
+        # message, and one batch per message caps a worker near 20k img/s.
         self.group = max(1, 512 // batch_size)
+        self.parts = -(-self.window_batches // self.group)
+        self.start_batch = start_batch
         self._warned: set = set()
 
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.batches_per_slot * self.W
+    def window_of(self, g: int) -> int:
+        """The rank's window (counted across epochs) that holds rank batch ``g``."""
+        epoch, i = divmod(g, self.batches_per_epoch)
+        return epoch * self.windows_per_epoch + i // self.window_batches
 
     def __iter__(self):
         info = get_worker_info()
         k = info.id if info is not None else 0
         if info is not None:
             torch.set_num_threads(1)
-        j = (k + self.start_batch) % self.W            # the logical slot this worker serves
-        g = self.start_batch + (j - self.start_batch) % self.W
-        cached_key, window, corrupt = None, None, 0
+        empty = (torch.empty((0, *self.shape), dtype=torch.uint8), torch.empty(0, dtype=torch.int64))
+        m = self.window_of(self.start_batch) + k
         while True:
-            epoch, i = divmod(g, self.batches_per_epoch)
-            t = i // self.W                               # batch index within the slot
-            w, b = divmod(t, self.window_batches)
-            if (epoch, w) != cached_key:
-                try:
-                    window, corrupt = self._window(epoch, self.rank * self.W + j, w)
-                except UserError as e:        # handed over as its message: the DataLoader would wrap it in a traceback
-                    yield None, None, g, str(e)
-                    return
-                cached_key = (epoch, w)
-            # Ship up to `group` consecutive batches of this slot at once (one contiguous slice of the
-            # window): IPC costs per message, and one batch per message caps a worker near 20k img/s.
-            n = min(self.group, self.window_batches - b, self.batches_per_slot - t)
-            x = torch.from_numpy(window[0][b * self.B:(b + n) * self.B])
-            y = torch.from_numpy(window[1][b * self.B:(b + n) * self.B])
-            if info is not None:
-                try:      # here, not in the queue's feeder thread, where a full /dev/shm would hang the trainer
-                    x.share_memory_(), y.share_memory_()
-                except RuntimeError as e:
-                    yield None, None, g, shm_full(e)
-                    return
-            yield x, y, g, corrupt
-            corrupt = 0
-            g += n * self.W
+            epoch, w = divmod(m, self.windows_per_epoch)
+            first = epoch * self.batches_per_epoch + w * self.window_batches      # its first batch's index
+            n = min(self.window_batches, self.batches_per_epoch - w * self.window_batches)
+            skip = max(0, self.start_batch - first)                  # a restart inside this window
+            window = None
+            for p in range(self.parts):
+                lo, hi = max(p * self.group, skip), min((p + 1) * self.group, n)
+                if hi <= lo:
+                    yield (*empty, first, 0)
+                    continue
+                if window is None:
+                    try:
+                        window, corrupt = self._window(m)
+                    except UserError as e:   # handed over as its message: the DataLoader would wrap it in a traceback
+                        yield None, None, first, str(e)
+                        return
+                x = torch.from_numpy(window[0][lo * self.B:hi * self.B])
+                y = torch.from_numpy(window[1][lo * self.B:hi * self.B])
+                if info is not None:
+                    try:      # here, not in the queue's feeder thread, where a full /dev/shm would hang the trainer
+                        x.share_memory_(), y.share_memory_()
+                    except RuntimeError as e:
+                        yield None, None, first, shm_full(e)
+                        return
+                yield x, y, first + lo, corrupt
+                corrupt = 0
+            m += self.W
 
-    def _window(self, epoch: int, slot: int, w: int):
-        """The window, and for remote shards the next one fetched in the background meanwhile (a window is a
-        pure function of its key, so prefetching changes no batch): a worker then waits for one round trip per
-        window at most once, instead of once per window."""
+    def _window(self, m: int):
+        """Window ``m`` (counted across epochs), and for remote shards this worker's next one (m + W) fetched in
+        the background meanwhile (a window is a pure function of its index, so prefetching changes no batch): a
+        worker then waits for one round trip per window at most once, instead of once per window."""
         if not self.store.remote:
-            return self._load_window(epoch, slot, w)
+            return self._load_window(*divmod(m, self.windows_per_epoch))
         ahead = self._ahead
-        window = ahead[1].result() if ahead is not None and ahead[0] == (epoch, slot, w) else \
-            self._load_window(epoch, slot, w)
-        windows = -(-self.batches_per_slot // self.window_batches)
-        nxt = (epoch, slot, w + 1) if w + 1 < windows else (epoch + 1, slot, 0)
-        self._ahead = (nxt, self._threads("_prefetcher", 1).submit(self._load_window, *nxt))
+        window = ahead[1].result() if ahead is not None and ahead[0] == m else \
+            self._load_window(*divmod(m, self.windows_per_epoch))
+        nxt = m + self.W
+        self._ahead = (nxt, self._threads("_prefetcher", 1).submit(self._load_window,
+                                                                    *divmod(nxt, self.windows_per_epoch)))
         return window
 
     def _threads(self, attr: str, n: int):
@@ -134,9 +152,10 @@ class _ShardStream(IterableDataset):
             setattr(self, attr, pool)
         return pool[1]
 
-    def _load_window(self, epoch: int, slot: int, w: int):
+    def _load_window(self, epoch: int, w: int):
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.chunks))
         ends = np.cumsum(self.sizes[order])
+        slot = self.rank
         lo = slot * self.slot_len + w * self.window_batches * self.B
         hi = min(lo + self.window_batches * self.B, (slot + 1) * self.slot_len)
         spans = []                         # (chunk index, first, last image of it in this window)
@@ -226,13 +245,11 @@ def shm_full(e: Exception) -> str:
             f"free /dev/shm, give the container more (docker run --shm-size=2g), or set data.workers = 0")
 
 
-def check_fills(root, num_images: int, batch_size: int, world_size: int, num_workers: int) -> None:
-    """Every rank's every loader worker needs at least one batch per epoch (see the epoch plan above)."""
-    slots = world_size * max(1, num_workers)
-    if num_images // (slots * batch_size) == 0:
+def check_fills(root, num_images: int, batch_size: int, world_size: int) -> None:
+    """Every rank needs at least one batch per epoch (see the epoch plan above)."""
+    if num_images // (world_size * batch_size) == 0:
         raise UserError(f"{root}: {num_images} images cannot fill one batch of {batch_size} for each of "
-                        f"{world_size} ranks x {max(1, num_workers)} loader workers; lower the batch size "
-                        f"(train.batch_size) or the number of workers (data.workers)")
+                        f"{world_size} rank{'s' * (world_size != 1)}; lower the batch size (train.batch_size)")
 
 
 class ShardLoader:
@@ -262,9 +279,8 @@ class ShardLoader:
         self.store.use_cache(cache_dir, cache_gb, fingerprint(self.manifest))
         if batch_size < 1 or num_workers < 0:
             raise UserError(f"batch size must be >= 1 and workers >= 0 (got {batch_size}, {num_workers})")
-        self.num_slots = max(1, num_workers)
-        check_fills(self.root, self.manifest["num_images"], batch_size, world_size, num_workers)
-        self.stream = _ShardStream(self.store, self.manifest, batch_size, rank, world_size, self.num_slots,
+        check_fills(self.root, self.manifest["num_images"], batch_size, world_size)
+        self.stream = _ShardStream(self.store, self.manifest, batch_size, rank, world_size, num_workers,
                                    seed, shuffle_window, start_batch, check=verify != "none",
                                    concurrency=max(1, concurrency))
         self.batches = start_batch
@@ -311,8 +327,8 @@ class ShardLoader:
         _stop_workers(it)
 
     def __iter__(self):
-        B, W = self.stream.B, self.num_slots
-        pending: dict = {}                 # batch index -> batch, to restore the global order
+        B, most = self.stream.B, 2 * self.stream.W * self.stream.parts * self.stream.group
+        pending: dict = {}                 # batch index -> batch, to restore the rank's order (module docstring)
         self._dl.worker_init_fn = functools.partial(_worker_init, dict(os.environ))     # this process's, now
         items: queue.Queue = queue.Queue(maxsize=2)
         self._feeder = threading.Thread(target=self._feed, args=(items,), name="loader-feeder", daemon=True)
@@ -323,8 +339,8 @@ class ShardLoader:
                 raise UserError(corrupt)
             self.corrupt_chunks += corrupt
             for i in range(len(x) // B):
-                pending[g + i * W] = (x[i * B:(i + 1) * B], y[i * B:(i + 1) * B])
-            if len(pending) > 4 * W * self.stream.group:
+                pending[g + i] = (x[i * B:(i + 1) * B], y[i * B:(i + 1) * B])
+            if len(pending) > most:
                 raise RuntimeError(f"loader out of order: waiting for batch {self.batches}")
             while self.batches in pending:
                 batch = pending.pop(self.batches)
@@ -466,16 +482,28 @@ def worker_context(workers: int, prefetch_factor: int = 4):
     ctx.set_forkserver_preload(["dcgan_dist.data._forkserver"])
     # The fork server starts multiprocessing's resource tracker too; at exit after killed workers it warned about
     # their queues' semaphores (which it then removes) below the run's one-line outcome. Its warnings are off.
-    before = os.environ.get("PYTHONWARNINGS")
-    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [before, "ignore:resource_tracker:UserWarning"]))
-    try:
+    # It imports modules as this process does: CPython 3.11's forkserver.main takes sys.path but never applies it,
+    # so a script that put another checkout first on sys.path had workers running the installed copy's code
+    # (an A/B benchmark of two trees here, 2026-12-01), or failing to find a module only that path holds.
+    warnings = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), "ignore:resource_tracker:UserWarning"]))
+    with _environ(PYTHONWARNINGS=warnings, PYTHONPATH=os.pathsep.join(p or os.getcwd() for p in sys.path)):
         forkserver.ensure_running()
-    finally:
-        if before is None:
-            os.environ.pop("PYTHONWARNINGS")
-        else:
-            os.environ["PYTHONWARNINGS"] = before
     return ctx
+
+
+@contextlib.contextmanager
+def _environ(**values: str):
+    """These environment variables set for the duration of the block (for a child started in it), then restored."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _stop_workers(it) -> None:

@@ -50,19 +50,21 @@ class TrainState:
         self.wandb_id = ""
         self.world_size = 1
         self.data = ""                # fingerprint of the shard set (shards.fingerprint)
+        self.data_order = 1           # the loader's epoch plan (loader.DATA_ORDER); 1 in checkpoints from before it
         self.best_fid = float("inf")  # the lowest FID measured so far (eval.every), and its step
         self.best_step = 0
 
     def to_json(self) -> dict:
         return {"step": self.step, "loader_batches": self.loader_batches, "skipped_d": int(self.skipped_d),
                 "skipped_g": int(self.skipped_g), "wandb_id": self.wandb_id, "world_size": self.world_size,
-                "data": self.data, "best_fid": self.best_fid if self.best_step else None, "best_step": self.best_step}
+                "data": self.data, "data_order": self.data_order, "best_fid": self.best_fid if self.best_step else None, "best_step": self.best_step}
 
     def load_json(self, d: dict) -> None:
         self.step, self.loader_batches = int(d["step"]), int(d["loader_batches"])
         self.skipped_d, self.skipped_g = int(d["skipped_d"]), int(d["skipped_g"])
         self.wandb_id = str(d["wandb_id"])
         self.world_size, self.data = int(d.get("world_size", 0)), str(d.get("data", ""))
+        self.data_order = int(d.get("data_order", 1))
         self.best_step = int(d.get("best_step") or 0)
         self.best_fid = float(d["best_fid"]) if self.best_step else float("inf")
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..config import Config, flatten, to_toml
 from ..data import ShardLoader, to_device
-from ..data.loader import worker_context
+from ..data.loader import DATA_ORDER, worker_context
 from ..data.shards import fingerprint
 from ..data.store import set_limits
 from ..errors import TrainingDiverged, UserError
@@ -277,8 +277,9 @@ def _resume(acc: Accelerator, nets: Nets, cfg: Config, manifest: dict) -> TrainS
         torch.manual_seed(cfg.train.seed + 1 + acc.process_index)  # each rank draws its own z
     else:
         saved = flatten(tomllib.loads((resumed / "config.toml").read_text()))
-        saved.update(world_size=state.world_size or now_world, data=state.data or now_data)
-        now = {**flatten(cfg.to_dict()), "world_size": now_world, "data": now_data}
+        saved.update(world_size=state.world_size or now_world, data=state.data or now_data,
+                     data_order=state.data_order)
+        now = {**flatten(cfg.to_dict()), "world_size": now_world, "data": now_data, "data_order": DATA_ORDER}
         safe, breaking = compare(saved, now)
         if breaking and not cfg.checkpoint.allow_changes:
             raise UserError(f"resuming {resumed} with changes that break an exact continuation: "
@@ -299,7 +300,7 @@ def _resume(acc: Accelerator, nets: Nets, cfg: Config, manifest: dict) -> TrainS
                 log.warning("resumed from step %d, older than the newest checkpoint: the newer checkpoints, "
                             "their grids and the metrics history were moved to %s", state.step, moved)
         acc.wait_for_everyone()
-    state.world_size, state.data = now_world, now_data
+    state.world_size, state.data, state.data_order = now_world, now_data, DATA_ORDER
     return state
 
 

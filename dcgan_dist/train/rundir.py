@@ -62,7 +62,7 @@ def preflight(cfg: Config, world_size: int) -> dict:
     from ..eval.features import check_features
 
     m = load_manifest(cfg.data.shards, cfg.data.verify, cfg.data.resolution, cfg.data.channels)
-    check_fills(cfg.data.shards, m["num_images"], cfg.train.batch_size, world_size, cfg.data.workers)
+    check_fills(cfg.data.shards, m["num_images"], cfg.train.batch_size, world_size)
     if cfg.eval.every:      # the Inception weights file, or labels for the classifier features
         check_features(cfg.eval.features, cfg.data.shards, m, cfg.eval.inception_weights, cfg.eval.cache_dir)
     return m
@@ -97,26 +97,28 @@ def roll_back(run_dir: Path, checkpoint: Path, step: int, complete: list[Path]) 
 BREAKING = {"train.batch_size": "the loader position means other batches",
             "train.seed": "the data order and the z stream change",
             "data.shuffle_window": "the data order changes",
-            # The epoch is cut into one slot per loader worker (loader.py): max(1, workers) decides the batches.
-            # Making the order independent of the worker count needs a reordering buffer of up to workers - 1
-            # shuffle windows per rank (issue 16 §7); until then the change is refused.
-            "data.workers": "the epoch is cut into one slot per loader worker, so another count means other batches; "
-                            "workers 0 and 1 are the same order",
             "world_size": "the loader position and the per-rank RNG streams mean other data",
             "data": "the shards hold other images"}
 
 
 def compare(saved: dict, now: dict) -> tuple[list[str], list[str]]:
     """``saved``/``now``: flat ``{key: value}`` of the checkpoint's and this run's settings, plus ``world_size``
-    and ``data`` (a fingerprint of the shard set). Returns (safe changes, breaking changes) as readable lines."""
-    ignore = {"name", "runs_dir", "checkpoint.resume", "checkpoint.allow_changes", "data.shards"}
+    and ``data`` (a fingerprint of the shard set), and ``data_order`` (the loader's epoch plan, see
+    loader.DATA_ORDER; 1 when the checkpoint predates it). Returns (safe changes, breaking changes) as readable
+    lines."""
+    ignore = {"name", "runs_dir", "checkpoint.resume", "checkpoint.allow_changes", "data.shards", "data_order"}
     saved, now = _as_run(saved), _as_run(now)
     safe, breaking = [], []
+    old_workers = max(1, saved.get("data.workers", 1))
+    if saved.get("data_order", 1) != now.get("data_order", 1) and old_workers > 1:
+        breaking.append(f"data order: the checkpoint's loader cut each epoch into one part per worker "
+                        f"(data.workers = {old_workers}, dcgan_dist before 2026-12-01); this version's order does not "
+                        f"depend on the worker count, so the batches after the resume differ")
     for key in sorted(set(saved) | set(now)):
         if key in ignore or saved.get(key) == now.get(key) or key not in saved:
             continue
-        if key == "data.workers" and max(1, saved[key]) == max(1, now.get(key, 1)):
-            safe.append(f"{key}: {saved[key]!r} -> {now.get(key)!r} (the same data order)")
+        if key == "data.workers":
+            safe.append(f"{key}: {saved[key]!r} -> {now.get(key)!r} (the data order does not depend on it)")
             continue
         line = f"{key}: {saved.get(key)!r} -> {now.get(key)!r}"
         if key == "data":
