@@ -73,6 +73,44 @@ def test_the_batches_do_not_depend_on_the_worker_count(tmp_path):
             loader.close()
 
 
+def test_corrupt_chunks_are_counted_and_named_when_used_whatever_the_worker_count(tmp_path, caplog):
+    """Found trying issue 16 §7: a window's skips were counted when its first piece arrived, up to two epochs early
+    with several workers (metrics rows then differed by worker count), and each worker warned on its own."""
+    m = write_indexed_shards(tmp_path, 3000, resolution=8, channels=1, shard_size=700, chunk_size=50)
+    chunk = m["shards"][2]["chunks"][3]
+    with open(tmp_path / "shard-000002.tar", "r+b") as f:
+        f.seek(chunk["images"][0])
+        f.write(b"garbage!")
+    counts = {}
+    for workers in (0, 1, 3):
+        loader = ShardLoader(tmp_path, batch_size=128, num_workers=workers, seed=4, shuffle_window=1000)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            counts[workers] = [loader.corrupt_chunks for _ in itertools.islice(loader, 69)]    # 3 epochs of 23
+        loader.close()
+        assert [r.getMessage() for r in caplog.records if "corrupt" in r.getMessage()] == [
+            f"skipping corrupt chunk {chunk['key']} in {tmp_path / 'shard-000002.tar'} (50 images): "
+            f"{caplog.records[0].getMessage().split('(50 images): ')[1]}"]
+    assert counts[0][-1] == 3 and len(set(counts[0])) == 4                   # once per epoch, as it is used
+    assert counts[1] == counts[0] and counts[3] == counts[0]
+
+
+def test_more_workers_than_cores_is_one_warning_line(tmp_path, caplog, monkeypatch):
+    """torch warned twice per loader (two places, one long paragraph); the run's log now has one line."""
+    import warnings
+    write_indexed_shards(tmp_path, 64, shard_size=32, chunk_size=16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        loader = ShardLoader(tmp_path, batch_size=8, num_workers=3)      # torch warns from 3 on this 2-core VM
+        take(loader, 3)
+        loader.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        "data.workers = 3 loader workers on 1 CPU core(s) that this process may use: they compete with the trainer "
+        "for them; fewer workers are likely faster"]
+    assert not [w for w in seen if "worker processes" in str(w.message)]
+
+
 def test_workers_run_the_dcgan_dist_the_trainer_imported(tmp_path):
     """The fork server imports dcgan_dist before it forks each worker, and CPython 3.11 never applies the sys.path
     it is handed: a script that put another checkout first on sys.path had workers running the installed copy's

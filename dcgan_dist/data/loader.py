@@ -39,6 +39,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 import weakref
 from pathlib import Path
 from typing import Callable
@@ -60,9 +61,11 @@ DATA_ORDER = 2
 
 
 class _ShardStream(IterableDataset):
-    """The per-worker producer. Yields ``(images, labels, first_batch_index, corrupt_chunks)`` forever;
-    ``images`` holds up to ``group`` consecutive batches of one window, rank batches g, g+1, ... (none in an
-    item that pads a window to ``parts`` items)."""
+    """The per-worker producer. Yields ``(images, labels, first_batch_index, skipped)`` forever; ``images`` holds
+    up to ``group`` consecutive batches of one window, rank batches g, g+1, ... (none in an item that pads a
+    window to ``parts`` items); ``skipped``: ``(chunk, warning)`` for each corrupt chunk of the window, with the
+    window's first piece (the trainer counts and warns when it uses that batch: the same step for any worker
+    count, one warning per chunk whichever worker read it); ``images`` None: ``skipped`` is a UserError's text."""
 
     def __init__(self, store: Store, manifest: dict, batch_size: int, rank: int, world_size: int,
                  num_workers: int, seed: int, shuffle_window: int, start_batch: int, check: bool,
@@ -85,7 +88,6 @@ class _ShardStream(IterableDataset):
         self.group = max(1, 512 // batch_size)
         self.parts = -(-self.window_batches // self.group)
         self.start_batch = start_batch
-        self._warned: set = set()
 
     def window_of(self, g: int) -> int:
         """The rank's window (counted across epochs) that holds rank batch ``g``."""
@@ -108,11 +110,11 @@ class _ShardStream(IterableDataset):
             for p in range(self.parts):
                 lo, hi = max(p * self.group, skip), min((p + 1) * self.group, n)
                 if hi <= lo:
-                    yield (*empty, first, 0)
+                    yield (*empty, first, ())
                     continue
                 if window is None:
                     try:
-                        window, corrupt = self._window(m)
+                        window, skipped = self._window(m)
                     except UserError as e:   # handed over as its message: the DataLoader would wrap it in a traceback
                         yield None, None, first, str(e)
                         return
@@ -124,8 +126,8 @@ class _ShardStream(IterableDataset):
                     except RuntimeError as e:
                         yield None, None, first, shm_full(e)
                         return
-                yield x, y, first + lo, corrupt
-                corrupt = 0
+                yield x, y, first + lo, skipped
+                skipped = ()
             m += self.W
 
     def _window(self, m: int):
@@ -168,12 +170,12 @@ class _ShardStream(IterableDataset):
         chunks = self._read_all([index for index, _, _ in spans])
         pieces: list = []                  # (images, labels) per chunk piece, or an int: places of a corrupt one
         for (_, a, z), chunk in zip(spans, chunks):
-            pieces.append(z - a if chunk is None else (chunk[0][a:z], chunk[1][a:z]))
+            pieces.append(z - a if isinstance(chunk[0], str) else (chunk[0][a:z], chunk[1][a:z]))
         rng = np.random.default_rng([self.seed, epoch, slot, w])
-        bad = sum(isinstance(p, int) for p in pieces)
-        if bad:
+        skipped = tuple(chunk for chunk in chunks if isinstance(chunk[0], str))
+        if skipped:
             pieces = self._fill_corrupt(pieces, rng)
-        return self._shuffled(pieces, rng), bad
+        return self._shuffled(pieces, rng), skipped
 
     @staticmethod
     def _shuffled(pieces: list, rng) -> tuple[np.ndarray, np.ndarray]:
@@ -228,15 +230,24 @@ class _ShardStream(IterableDataset):
         except ValueError as e:
             return self._skip(name, chunk, e)
 
-    def _skip(self, name: str, chunk: dict, e: Exception) -> None:
-        if (name, chunk["key"]) not in self._warned:
-            self._warned.add((name, chunk["key"]))
-            log.warning("skipping corrupt chunk %s in %s (%d images): %s", chunk["key"],
-                        self.store.url(name), chunk["n"], e)
-        return None
+    def _skip(self, name: str, chunk: dict, e: Exception) -> tuple[str, str]:
+        """A corrupt chunk: ``(its name, the warning)`` in place of its images (ShardLoader warns)."""
+        where = f"{chunk['key']} in {self.store.url(name)}"
+        return where, f"skipping corrupt chunk {where} ({chunk['n']} images): {e}"
 
     def __getstate__(self):                # a worker gets its own threads
         return {**self.__dict__, "_pool": None, "_prefetcher": None, "_ahead": None}
+
+
+def _warn_oversubscribed(workers: int) -> None:
+    """One line for more workers than this process may use cores, in place of torch's warning (printed twice per
+    loader, from two places)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if cores and workers > cores:
+        warnings.filterwarnings("ignore", message=r"This DataLoader will create \d+ worker processes",
+                                category=UserWarning)
+        log.warning("data.workers = %d loader workers on %d CPU core(s) that this process may use: they compete "
+                    "with the trainer for them; fewer workers are likely faster", workers, cores)
 
 
 def shm_full(e: Exception) -> str:
@@ -284,9 +295,11 @@ class ShardLoader:
                                    seed, shuffle_window, start_batch, check=verify != "none",
                                    concurrency=max(1, concurrency))
         self.batches = start_batch
-        self.corrupt_chunks = 0
+        self.corrupt_chunks = 0             # corrupt chunks skipped in the windows used so far
+        self._warned: set = set()
         self.stop = stop
         self.batch_timeout_s = batch_timeout_s
+        _warn_oversubscribed(num_workers)
         self._it = self._feeder = None
         self._closed = threading.Event()
         self._lock = threading.Lock()
@@ -334,18 +347,27 @@ class ShardLoader:
         self._feeder = threading.Thread(target=self._feed, args=(items,), name="loader-feeder", daemon=True)
         self._feeder.start()
         while True:
-            x, y, g, corrupt = self._next_item(items)
+            x, y, g, skipped = self._next_item(items)
             if x is None:                                 # a worker's UserError
-                raise UserError(corrupt)
-            self.corrupt_chunks += corrupt
+                raise UserError(skipped)
             for i in range(len(x) // B):
-                pending[g + i] = (x[i * B:(i + 1) * B], y[i * B:(i + 1) * B])
+                pending[g + i] = (x[i * B:(i + 1) * B], y[i * B:(i + 1) * B], skipped if i == 0 else ())
             if len(pending) > most:
                 raise RuntimeError(f"loader out of order: waiting for batch {self.batches}")
             while self.batches in pending:
-                batch = pending.pop(self.batches)
+                *batch, skipped = pending.pop(self.batches)
+                self._count_skips(skipped)
                 self.batches += 1
-                yield batch
+                yield tuple(batch)
+
+    def _count_skips(self, skipped) -> None:
+        """The corrupt chunks of the window whose first batch is about to be used: counted, and warned about
+        once per chunk in this process."""
+        for where, warning in skipped:
+            self.corrupt_chunks += 1
+            if where not in self._warned:
+                self._warned.add(where)
+                log.warning("%s", warning)
 
     def _feed(self, items: queue.Queue) -> None:
         """The feeder thread: starts the DataLoader's workers, then puts its items (or the exception that ended

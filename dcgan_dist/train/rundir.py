@@ -113,7 +113,8 @@ def compare(saved: dict, now: dict) -> tuple[list[str], list[str]]:
     if saved.get("data_order", 1) != now.get("data_order", 1) and old_workers > 1:
         breaking.append(f"data order: the checkpoint's loader cut each epoch into one part per worker "
                         f"(data.workers = {old_workers}, dcgan_dist before 2026-12-01); this version's order does not "
-                        f"depend on the worker count, so the batches after the resume differ")
+                        f"depend on the worker count, so the batches after the resume differ (an exact continuation needs the "
+                        f"dcgan_dist that wrote the checkpoint: git checkout 82ea1d6)")
     for key in sorted(set(saved) | set(now)):
         if key in ignore or saved.get(key) == now.get(key) or key not in saved:
             continue
