@@ -36,14 +36,17 @@ def bench_loader(shards: Path, batch_size: int, batches: int, workers: int, veri
     from dcgan_dist.data import ShardLoader
 
     loader = ShardLoader(shards, batch_size=batch_size, num_workers=workers, seed=0, verify=verify)
-    it = iter(loader)
-    for _ in range(min(100, batches // 5)):  # warm up: worker start, page cache, the first prefetched windows
-        next(it)
-    t0 = time.perf_counter()
-    n = 0
-    for x, _ in itertools.islice(it, batches):
-        n += len(x)
-    return n / (time.perf_counter() - t0)
+    try:
+        it = iter(loader)
+        for _ in range(min(100, batches // 5)):  # warm up: worker start, page cache, the first prefetched windows
+            next(it)
+        t0 = time.perf_counter()
+        n = 0
+        for x, _ in itertools.islice(it, batches):
+            n += len(x)
+        return n / (time.perf_counter() - t0)
+    finally:
+        loader.close()      # its workers and their connections end here, not at exit
 
 
 def bench_classic(lmdb_path: Path, resolution: int, n: int) -> float:

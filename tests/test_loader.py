@@ -111,6 +111,29 @@ def test_more_workers_than_cores_is_one_warning_line(tmp_path, caplog, monkeypat
     assert not [w for w in seen if "worker processes" in str(w.message)]
 
 
+def test_the_fork_server_keeps_freed_read_buffers_unless_the_environment_says_otherwise(tmp_path):
+    """Workers from a fresh interpreter gave chunk buffers back to the kernel at every free (glibc's initial
+    thresholds): 52-62k img/s against 85-92k for forked ones (docs/benchmarks.md). The fork server, and so every
+    worker, starts with higher malloc thresholds; a value in the environment wins; the trainer's stays as it was."""
+    script = tmp_path / "script.py"
+    script.write_text("""import os
+from multiprocessing import forkserver
+from dcgan_dist.data.loader import worker_context
+if __name__ == "__main__":
+    worker_context(1)
+    env = open(f"/proc/{forkserver._forkserver._forkserver_pid}/environ", "rb").read().split(b"\\0")
+    print(sorted(e.decode() for e in env if e.startswith(b"MALLOC_")), "MALLOC_TRIM_THRESHOLD_" in os.environ)
+""")
+    def run(**env):
+        p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, **env})
+        assert p.returncode == 0, p.stderr[-2000:]
+        return p.stdout.strip()
+    assert run() == "['MALLOC_MMAP_THRESHOLD_=33554432', 'MALLOC_TRIM_THRESHOLD_=536870912'] False"
+    assert run(MALLOC_TRIM_THRESHOLD_="131072") == \
+        "['MALLOC_MMAP_THRESHOLD_=33554432', 'MALLOC_TRIM_THRESHOLD_=131072'] True"
+
+
 def test_workers_run_the_dcgan_dist_the_trainer_imported(tmp_path):
     """The fork server imports dcgan_dist before it forks each worker, and CPython 3.11 never applies the sys.path
     it is handed: a script that put another checkout first on sys.path had workers running the installed copy's

@@ -482,6 +482,14 @@ def _enough_open_files(workers: int, prefetch: int) -> None:
                     f"{workers} loader worker(s) need about {need}; {_RAISE_LIMIT}")
 
 
+# glibc malloc settings of the fork server and so of the workers (their own, the trainer keeps its defaults). A fresh
+# process hands every read buffer of a chunk (3 MiB at 64 px) back to the kernel when it is freed and page-faults
+# the next one in: one worker made 52-62k 64-px img/s against 85-92k for a worker forked from the trainer, whose
+# malloc had long raised those thresholds (2026-12-01, docs/benchmarks.md). With these, a worker keeps the memory
+# of its largest window's chunks for reuse (what it holds at its peak anyway). A value set in the environment wins.
+_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(512 << 20)}
+
+
 def worker_context(workers: int, prefetch_factor: int = 4):
     """The workers' start method: a fork server, never a fork of this process. A fork copies the process as its
     other threads left it, locks included. A worker forked while another thread was making or dropping its
@@ -508,7 +516,8 @@ def worker_context(workers: int, prefetch_factor: int = 4):
     # so a script that put another checkout first on sys.path had workers running the installed copy's code
     # (an A/B benchmark of two trees here, 2026-12-01), or failing to find a module only that path holds.
     warnings = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), "ignore:resource_tracker:UserWarning"]))
-    with _environ(PYTHONWARNINGS=warnings, PYTHONPATH=os.pathsep.join(p or os.getcwd() for p in sys.path)):
+    with _environ(PYTHONWARNINGS=warnings, PYTHONPATH=os.pathsep.join(p or os.getcwd() for p in sys.path),
+                  **{k: os.environ.get(k, v) for k, v in _MALLOC.items()}):
         forkserver.ensure_running()
     return ctx
 

@@ -209,6 +209,10 @@ def serve_http(folder: Path, latency: float = 0.0, fail_first: int = 0, hang: bo
             pass
 
     class Server(http.server.ThreadingHTTPServer):
+        # socketserver's listen backlog is 5: a loader opening 16+ connections at once had some refused
+        # (ClientConnectorError, retried after 0.25 s) in the 20-ms benchmark; real servers queue hundreds (nginx 511)
+        request_queue_size = 512
+
         def handle_error(self, request, client_address):    # a client closing its keep-alive connection
             pass
 
