@@ -515,8 +515,8 @@ def worker_context(workers: int, prefetch_factor: int = 4):
     # It imports modules as this process does: CPython 3.11's forkserver.main takes sys.path but never applies it,
     # so a script that put another checkout first on sys.path had workers running the installed copy's code
     # (an A/B benchmark of two trees here, 2026-12-01), or failing to find a module only that path holds.
-    warnings = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), "ignore:resource_tracker:UserWarning"]))
-    with _environ(PYTHONWARNINGS=warnings, PYTHONPATH=os.pathsep.join(p or os.getcwd() for p in sys.path),
+    quiet = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), "ignore:resource_tracker:UserWarning"]))
+    with _environ(PYTHONWARNINGS=quiet, PYTHONPATH=os.pathsep.join(p or os.getcwd() for p in sys.path),
                   **{k: os.environ.get(k, v) for k, v in _MALLOC.items()}):
         forkserver.ensure_running()
     return ctx
