@@ -120,7 +120,8 @@ def test_the_fork_server_keeps_freed_read_buffers_unless_the_environment_says_ot
 from multiprocessing import forkserver
 from dcgan_dist.data.loader import worker_context
 if __name__ == "__main__":
-    worker_context(1)
+    p = worker_context(1).Process(target=os.getpid)      # the server has started once a worker has run
+    p.start(), p.join()
     env = open(f"/proc/{forkserver._forkserver._forkserver_pid}/environ", "rb").read().split(b"\\0")
     print(sorted(e.decode() for e in env if e.startswith(b"MALLOC_")), "MALLOC_TRIM_THRESHOLD_" in os.environ)
 """)
@@ -140,16 +141,19 @@ def test_workers_run_the_dcgan_dist_the_trainer_imported(tmp_path):
     code (an A/B benchmark of two trees here)."""
     other = tmp_path / "other"
     shutil.copytree(ROOT / "dcgan_dist", other / "dcgan_dist", ignore=shutil.ignore_patterns("__pycache__"))
-    (tmp_path / "probe.py").write_text("def where():\n    import dcgan_dist.data.loader as m\n    return m.__file__\n")
+    (tmp_path / "probe.py").write_text("def where(out=None):\n    import dcgan_dist.data.loader as m\n"
+                                       "    print(m.__file__, file=open(out, 'w') if out else None)\n")
     script = tmp_path / "script.py"
+    # a Process, not a Pool: processes of the fork server ignore SIGTERM (data/_forkserver.py), Pool.terminate's signal
     script.write_text(f"""import sys
 sys.path[:0] = [{str(other)!r}, {str(tmp_path)!r}]
 import probe
 from dcgan_dist.data.loader import worker_context
 if __name__ == "__main__":
-    with worker_context(1).Pool(1) as pool:
-        print(probe.where())
-        print(pool.apply(probe.where))
+    p = worker_context(1).Process(target=probe.where, args=({str(tmp_path / "worker.txt")!r},))
+    p.start(), p.join()
+    probe.where()
+    print(open({str(tmp_path / "worker.txt")!r}).read(), end="")
 """)
     p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd="/")
     assert p.returncode == 0, p.stderr[-2000:]
