@@ -135,6 +135,34 @@ if __name__ == "__main__":
         "['MALLOC_MMAP_THRESHOLD_=33554432', 'MALLOC_TRIM_THRESHOLD_=131072'] True"
 
 
+def test_workers_and_their_fork_server_end_when_the_trainer_is_killed(tmp_path):
+    """torch's worker watchdog watches the worker's parent, the fork server, which lives while a worker holds its
+    pipe: after a kill -9 of the trainer both waited for ever (found left over by a clean clone's suite)."""
+    import psutil
+    write_indexed_shards(tmp_path / "s", 256, shard_size=64, chunk_size=16)
+    script = tmp_path / "script.py"
+    script.write_text(f"""import time
+from dcgan_dist.data import ShardLoader
+if __name__ == "__main__":
+    loader = ShardLoader({str(tmp_path / "s")!r}, batch_size=8, num_workers=2)
+    next(iter(loader))
+    print("ready", flush=True)
+    time.sleep(600)
+""")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        servers = [c for c in psutil.Process(proc.pid).children() if "forkserver" in " ".join(c.cmdline())]
+        left = servers + [w for s in servers for w in s.children()]
+        assert len(servers) == 1 and len(left) == 3                 # the fork server and the 2 workers
+        proc.kill()
+        proc.wait()
+        gone, alive = psutil.wait_procs(left, timeout=10)
+        assert alive == []
+    finally:
+        proc.kill()
+
+
 def test_workers_run_the_dcgan_dist_the_trainer_imported(tmp_path):
     """The fork server imports dcgan_dist before it forks each worker, and CPython 3.11 never applies the sys.path
     it is handed: a script that put another checkout first on sys.path had workers running the installed copy's
@@ -441,12 +469,14 @@ def test_a_worker_that_stops_answering_ends_the_run_with_one_line_naming_its_pid
                              "--set", "data.batch_timeout_s=3"], text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        t0, workers = time.monotonic(), []
-        while not workers and time.monotonic() - t0 < 120:       # the fork server's children are the workers
-            servers = [c for c in psutil.Process(proc.pid).children() if "forkserver" in " ".join(c.cmdline())]
-            workers = [w for s in servers for w in s.children()]
+        t0, workers, metrics = time.monotonic(), [], tmp_path / "tiny" / "metrics.jsonl"
+        # after the first logged steps (before, a loaded machine could pass the 3 s waiting for the first batch,
+        # and the worker was gone when the test stopped it: CI, 2026-12-01)
+        while not (metrics.exists() and metrics.read_text()) and proc.poll() is None and time.monotonic() - t0 < 120:
             time.sleep(0.05)
-        assert len(workers) == 1
+        servers = [c for c in psutil.Process(proc.pid).children() if "forkserver" in " ".join(c.cmdline())]
+        workers = [w for s in servers for w in s.children()]
+        assert len(workers) == 1, proc.communicate(timeout=60)[1][-2000:]
         workers[0].send_signal(signal.SIGSTOP)
         out, err = proc.communicate(timeout=120)
     finally:

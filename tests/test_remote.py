@@ -151,9 +151,15 @@ def test_a_server_that_accepts_and_never_answers_is_an_error_naming_the_url_with
         t0 = time.monotonic()
         with pytest.raises(UserError, match=rf"^{url}/shard-000000.tar: unreachable after \d tries in [12]\.\d s while "
                                             r"reading bytes 0-10 \(TimeoutError: no answer within [\d.]+ s\); a request "
-                                            r"may take data.timeout_s = 0.5 s, .* data.deadline_s = 2 s"):
+                                            r"may take data.timeout_s = 0.5 s, .* data.deadline_s = 2 s") as e:
             store.read_range("shard-000000.tar", 0, 10)
-        assert 1.9 < time.monotonic() - t0 < 3.0 and server.ranges >= 3
+        assert time.monotonic() - t0 < 3.0
+        tries = int(str(e.value).split(" tries in ")[0].rsplit(" ", 1)[1])
+        while server.ranges < tries and time.monotonic() - t0 < 10:   # a loaded machine runs its handlers late
+            time.sleep(0.05)
+        # 3 tries (0.5 s each, 0.25 and 0.5 s between) when idle; under load the third would have < 0.1 s: not made
+        assert tries in (2, 3) and server.ranges == tries, (tries, server.ranges)
+        assert "no answer within -" not in str(e.value)
     finally:
         set_limits(30, 120)
         server.shutdown()

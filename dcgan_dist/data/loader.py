@@ -342,7 +342,7 @@ class ShardLoader:
     def __iter__(self):
         B, most = self.stream.B, 2 * self.stream.W * self.stream.parts * self.stream.group
         pending: dict = {}                 # batch index -> batch, to restore the rank's order (module docstring)
-        self._dl.worker_init_fn = functools.partial(_worker_init, dict(os.environ))     # this process's, now
+        self._dl.worker_init_fn = functools.partial(_worker_init, dict(os.environ), os.getpid())  # this process's, now
         items: queue.Queue = queue.Queue(maxsize=2)
         self._feeder = threading.Thread(target=self._feed, args=(items,), name="loader-feeder", daemon=True)
         self._feeder.start()
@@ -564,14 +564,44 @@ def _stop_workers(it) -> None:
         q.close()
 
 
-def _worker_init(env: dict, worker_id: int) -> None:
+def _worker_init(env: dict, trainer: int, worker_id: int) -> None:
     """First thing in a worker: this process's environment as it is when the loader starts (a fork would have
     copied it; the fork server holds the one of its own start, without e.g. credentials set since), the stop
-    signals ignored, and the trainer's log format (the fork server configured no logging)."""
+    signals ignored, the trainer's log format (the fork server configured no logging), and an end of its own
+    when the trainer (pid ``trainer``) ends."""
     os.environ.clear()
     os.environ.update(env)
     _ignore_stop_signals(worker_id)
     setup_logging()
+    _exit_with(trainer)
+
+
+def _exit_with(pid: int) -> None:
+    """End this process as soon as process ``pid`` ends, whatever ends it (kill -9, the OOM killer). torch's worker
+    watchdog watches the worker's parent, which is the fork server, and the fork server lives as long as any worker
+    holds its pipe: after a kill -9 of the trainer, its workers and fork server waited for ever (a clean clone's
+    suite, 2026-12-01). A pidfd (Linux 5.3+) wakes a thread the moment the trainer ends; elsewhere it polls."""
+    import select
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:              # gone already
+        os._exit(0)
+    except (AttributeError, OSError):       # no pidfd here
+        fd = None
+
+    def watch() -> None:
+        if fd is not None:
+            select.select([fd], [], [])
+        else:
+            while True:
+                time.sleep(1.0)
+                try:
+                    os.kill(pid, 0)
+                except OSError:             # gone (PermissionError: its pid now belongs to another user)
+                    break
+        os._exit(0)
+
+    threading.Thread(target=watch, name="trainer-watchdog", daemon=True).start()
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

@@ -34,6 +34,7 @@ REMOTE = ("s3", "gs", "gcs", "http", "https")
 # Bounds of every remote read, in seconds: one request (connect + the whole answer), and one read with all its
 # retries. The trainer sets them from data.timeout_s / data.deadline_s (set_limits) before it makes any Store.
 LIMITS = {"timeout_s": 30.0, "deadline_s": 120.0}
+MIN_TRY_S = 0.1         # the least time left under deadline_s for which one more try is made (or timeout_s if less)
 
 
 def set_limits(timeout_s: float, deadline_s: float) -> None:
@@ -204,8 +205,10 @@ class Store:
                     raise UserError(f"{self.url(name)}: {type(e).__name__} while {what}") from None
                 error = e.__cause__ if isinstance(e, FileNotFoundError) else e      # fsspec http's wrapping
                 spent = time.monotonic() - t0
-                delay = min(self.backoff * 2 ** attempt, self.deadline_s - spent)
-                if attempt == self.retries or delay <= 0:
+                delay = self.backoff * 2 ** attempt
+                # no try after the backoff if it would have less than MIN_TRY_S (a try with a timeout of ~0 s, or
+                # below 0 on a loaded machine, cannot be answered: "no answer within -0.0036 s" in the message)
+                if attempt == self.retries or self.deadline_s - spent - delay < min(self.timeout_s, MIN_TRY_S):
                     raise UserError(f"{self.url(name)}: unreachable after {attempt + 1} tries in {spent:.1f} s while "
                                     f"{what} ({type(error).__name__}: {str(error)[:160]}){self._bounds(error)}") from None
                 log.warning("%s: %s (%s); retrying in %.2f s", self.url(name), what, type(error).__name__, delay)
