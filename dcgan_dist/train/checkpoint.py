@@ -57,7 +57,8 @@ class TrainState:
     def to_json(self) -> dict:
         return {"step": self.step, "loader_batches": self.loader_batches, "skipped_d": int(self.skipped_d),
                 "skipped_g": int(self.skipped_g), "wandb_id": self.wandb_id, "world_size": self.world_size,
-                "data": self.data, "data_order": self.data_order, "best_fid": self.best_fid if self.best_step else None, "best_step": self.best_step}
+                "data": self.data, "data_order": self.data_order,
+                "best_fid": self.best_fid if self.best_step else None, "best_step": self.best_step}
 
     def load_json(self, d: dict) -> None:
         self.step, self.loader_batches = int(d["step"]), int(d["loader_batches"])
