@@ -219,17 +219,17 @@ def cmd_train(a) -> None:
     writes every figure."""
     import json
 
-    from accelerate import Accelerator
     from torch.utils.flop_counter import FlopCounterMode
 
     from dcgan_dist.config import load_config
     from dcgan_dist.data import ShardLoader, to_device
     from dcgan_dist.data.synthetic import write_indexed_shards
     from dcgan_dist.models import build_models
+    from dcgan_dist.runtime import new_accelerator
     from dcgan_dist.train import step as step_mod
     from dcgan_dist.train.loop import build
 
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    acc = new_accelerator(cpu=not torch.cuda.is_available())
     dev = acc.device
     cuda = dev.type == "cuda"
     torch.backends.cudnn.benchmark = True           # autotuned convolutions (the trainer's default leaves it off)
@@ -320,15 +320,14 @@ def cmd_train(a) -> None:
 
 
 def cmd_checkpoint(a) -> None:
-    from accelerate import Accelerator
-
     from dcgan_dist.config import load_config
+    from dcgan_dist.runtime import new_accelerator
     from dcgan_dist.train import checkpoint
     from dcgan_dist.train.checkpoint import TrainState
     from dcgan_dist.train.loop import build
 
     cfg = load_config(None, [f"data.resolution={a.resolution}", 'train.precision="fp16"'])
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    acc = new_accelerator(cpu=not torch.cuda.is_available())
     nets = build(acc, cfg)
     for opt, model in ((nets.opt_g, nets.G), (nets.opt_d, nets.D)):   # one step: Adam state exists
         for p in model.parameters():

@@ -20,7 +20,7 @@ import torch
 
 from dcgan_dist.config import load_config
 from dcgan_dist.errors import UserError
-from dcgan_dist.runtime import die_with_parent, setup_logging
+from dcgan_dist.runtime import die_with_parent, new_accelerator, setup_logging
 
 
 def main(argv=None) -> int:
@@ -37,8 +37,6 @@ def main(argv=None) -> int:
     if "LOCAL_RANK" in os.environ:
         die_with_parent()
     try:
-        from accelerate import Accelerator
-
         from dcgan_dist.data import load_manifest
         from dcgan_dist.eval import Dist, Evaluator
         from dcgan_dist.models import load_generator
@@ -48,7 +46,7 @@ def main(argv=None) -> int:
             raise UserError(f"--set {bad[0]}: only eval.* settings can be changed here")
         if a.n is not None and a.n < 2:
             raise UserError(f"--n must be >= 2, not {a.n}")
-        acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+        acc = new_accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
         g, which, cfg = load_generator(a.checkpoint, acc.device, a.raw)
         cfg = load_config(a.checkpoint / "config.toml", a.set)
         shards = a.shards or cfg.data.shards
@@ -80,8 +78,7 @@ def main(argv=None) -> int:
                 print(f"error: --json {a.json}: cannot write ({e.strerror or e}); the result is printed above",
                       file=sys.stderr)
                 code = 2
-    # every rank leaves the process group together (a rank that exited while rank 0 was still writing was seen
-    # once, under load, aborting in gloo at interpreter exit: "terminate called without an active exception")
+    # every rank leaves the process group together; gloo's threads end with it (runtime.new_accelerator)
     acc.wait_for_everyone()
     acc.end_training()
     return code

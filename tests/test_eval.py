@@ -136,7 +136,10 @@ def test_two_processes_give_the_statistics_of_one(tiny, tmp_path, classifier_cac
         if procs == 1:
             run_cli("evaluate.py", *args)
         else:
-            accelerate_launch(ROOT / "launch" / "evaluate.py", *args)
+            p = accelerate_launch(ROOT / "tests" / "dist" / "threads_at_exit.py", ROOT / "launch" / "evaluate.py", *args)
+            # gloo's threads end with the process group, before the interpreter finalizes (runtime.new_accelerator)
+            assert sorted(line for line in p.stderr.splitlines() if line.startswith("gloo threads at exit")) == [
+                "gloo threads at exit, rank 0: []", "gloo threads at exit, rank 1: []"]
         results[procs] = json.loads((tmp_path / f"r{procs}.json").read_text())
         (ref,) = cache.glob("reference-*.safetensors")
         with safe_open(str(ref), "pt") as f:

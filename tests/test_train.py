@@ -23,7 +23,7 @@ def launch(mode, out, config, *overrides):
     return launch_ranks(SCRIPT, mode, out, config, *overrides, out=out)
 
 
-def test_two_ranks_hold_bitwise_equal_weights_and_runs_reproduce(tiny, tmp_path):
+def test_two_ranks_hold_bitwise_equal_weights_and_runs_reproduce(tiny, tmp_path, classifier_cache):
     runs = tmp_path / "runs"
     a = launch("train", tmp_path / "a", tiny, f'runs_dir="{runs}"', 'name="a"')
     assert [r["num_processes"] for r in a] == [2, 2]
@@ -39,8 +39,11 @@ def test_two_ranks_hold_bitwise_equal_weights_and_runs_reproduce(tiny, tmp_path)
     assert any(a[0]["buffers"][k] != a[1]["buffers"][k] for k in a[0]["buffers"] if k.startswith("D."))
     b = launch("train", tmp_path / "b", tiny, f'runs_dir="{runs}"', 'name="b"')
     assert b[0]["params"] == a[0]["params"]                        # same seed, same world size: same weights
-    c = launch("train", tmp_path / "c", tiny, f'runs_dir="{runs}"', 'name="c"', "train.seed=1")
+    c = launch("train", tmp_path / "c", tiny, f'runs_dir="{runs}"', 'name="c"', "train.seed=1", "eval.every=3",
+               "eval.n=64", "eval.batch_size=32", "eval.kid_subset_size=32", f'eval.cache_dir="{classifier_cache}"')
     assert c[0]["params"] != a[0]["params"]
+    # gloo's threads ended with the process group (with and without evaluation: torchmetrics imports torch._dynamo)
+    assert [r["gloo_threads"] for r in a + c] == [[]] * 4
 
 
 def test_g_step_does_not_all_reduce_or_compute_d_gradients(tiny, tmp_path):

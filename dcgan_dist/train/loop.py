@@ -29,7 +29,7 @@ from ..data.store import set_limits
 from ..errors import TrainingDiverged, UserError
 from ..eval import Dist, Evaluator
 from ..rng import isolated_rng
-from ..runtime import STOP, LauncherGone, StopRequest, injected_fault
+from ..runtime import STOP, LauncherGone, StopRequest, injected_fault, new_accelerator
 from ..models import build_models, count_parameters
 from . import checkpoint
 from .checkpoint import TrainState
@@ -80,7 +80,7 @@ def describe(cfg: Config) -> Iterator[str]:
 
 
 def _accelerator(cfg: Config, wandb: str) -> Accelerator:
-    return Accelerator(
+    return new_accelerator(
         cpu=not torch.cuda.is_available(),       # without it a CPU-only --multi_gpu launch runs undistributed
         mixed_precision="no",                    # precision is ours: per-network scalers, see step.py
         log_with=trackers(cfg.log, wandb) or None,

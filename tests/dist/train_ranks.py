@@ -8,6 +8,7 @@ import os
 import sys
 
 import torch
+from threads_at_exit import gloo_threads
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from dcgan_dist.config import load_config
@@ -28,6 +29,7 @@ def main():   # guarded: the loader's workers start from a fork server, which im
         rank = summary["rank"]                  # end_training() has already torn the process group down
         nets = (("G", G), ("D", D), ("E", E)) if E is not None else (("G", G), ("D", D))
         result = {"num_processes": summary["num_processes"], "rank": rank, "corrupt_chunks": summary["corrupt_chunks"],
+                  "gloo_threads": gloo_threads(),        # gone with the group, before the interpreter finalizes
                   "params": {f"{n}.{k}": digest(v) for n, m in nets for k, v in m.named_parameters()},
                   "buffers": {f"{n}.{k}": digest(v) for n, m in nets for k, v in m.named_buffers()}}
     else:
