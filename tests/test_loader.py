@@ -345,6 +345,19 @@ def test_a_script_that_exits_with_a_live_loader_does_not_hang(tmp_path):
     assert p.returncode == 7
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_close_ends_the_feeder_thread_before_it_returns(tmp_path, workers):
+    """A daemon thread still running when the interpreter finalizes can abort the process (SIGABRT, "terminate
+    called without an active exception") if it is inside a torch op then: after close(), the loader's feeder
+    thread (which decodes the windows itself with 0 workers) is gone. Before, it ended up to 0.5 s later."""
+    write_indexed_shards(tmp_path, 256, shard_size=64, chunk_size=16)
+    for _ in range(3):
+        loader = ShardLoader(tmp_path, batch_size=16, num_workers=workers, shuffle_window=64)
+        next(iter(loader))
+        loader.close()
+        assert loader._feeder.name == "loader-feeder" and not loader._feeder.is_alive()
+
+
 @pytest.mark.parametrize("array", [np.arange(7 * 4 * 4 * 3, dtype=np.uint8).reshape(7, 4, 4, 3),
                                    np.arange(5, dtype=np.int64), np.asfortranarray(np.arange(12.0).reshape(3, 4)),
                                    np.zeros((0, 2, 2, 1), dtype=np.uint8)])

@@ -300,7 +300,7 @@ class ShardLoader:
         self.stop = stop
         self.batch_timeout_s = batch_timeout_s
         _warn_oversubscribed(num_workers)
-        self._it = self._feeder = None
+        self._it = self._feeder = self._items = None
         self._closed = threading.Event()
         self._lock = threading.Lock()
         _LIVE.add(self)
@@ -338,12 +338,29 @@ class ShardLoader:
         with self._lock:                    # the feeder thread may be starting the workers right now (_feed)
             it, self._it = self._it, None
         _stop_workers(it)
+        self._end_feeder()
+
+    def _end_feeder(self) -> None:
+        """Wait (FEEDER_JOIN_S at most) for the feeder thread to end, its queue emptied so that a put it waits in
+        returns. Left running, it could be inside a torch op when the interpreter finalizes, and a daemon thread
+        that takes the GIL back then exits from inside C++: "terminate called without an active exception",
+        SIGABRT (CPython ends such threads with pthread_exit)."""
+        feeder = self._feeder
+        if feeder is None or feeder is threading.current_thread():
+            return
+        deadline = time.monotonic() + FEEDER_JOIN_S
+        while feeder.is_alive() and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self._items.get_nowait()
+            feeder.join(timeout=0.05)
 
     def __iter__(self):
         B, most = self.stream.B, 2 * self.stream.W * self.stream.parts * self.stream.group
         pending: dict = {}                 # batch index -> batch, to restore the rank's order (module docstring)
         self._dl.worker_init_fn = functools.partial(_worker_init, dict(os.environ), os.getpid())  # this process's, now
         items: queue.Queue = queue.Queue(maxsize=2)
+        self._items = items
         self._feeder = threading.Thread(target=self._feed, args=(items,), name="loader-feeder", daemon=True)
         self._feeder.start()
         while True:
@@ -438,6 +455,9 @@ class ShardLoader:
 # after one (a slow but working loader then reaches the trainer's next sync point: a checkpoint), in seconds.
 POLL_S = 0.25
 STOP_GRACE_S = 1.0
+# How long close() waits for the feeder thread to end (it finishes the item in hand: one window's decode, or a
+# remote read, which close() has cancelled), in seconds.
+FEEDER_JOIN_S = 10.0
 
 # Loaders whose workers may still run. At exit, multiprocessing terminates (SIGTERM, ignored by our workers) and
 # joins every worker, which would wait forever; this hook, registered after multiprocessing's own (atexit runs
