@@ -341,14 +341,16 @@ class ShardLoader:
         self._end_feeder()
 
     def _end_feeder(self) -> None:
-        """Wait (FEEDER_JOIN_S at most) for the feeder thread to end, its queue emptied so that a put it waits in
-        returns. Left running, it could be inside a torch op when the interpreter finalizes, and a daemon thread
-        that takes the GIL back then exits from inside C++: "terminate called without an active exception",
-        SIGABRT (CPython ends such threads with pthread_exit)."""
+        """Wait for the feeder thread to end, its queue emptied so that a put it waits in returns. Left running, it
+        could be inside a torch op when the interpreter finalizes, and a daemon thread that takes the GIL back
+        then exits from inside C++: "terminate called without an active exception", SIGABRT (CPython ends such
+        threads with pthread_exit). With 0 workers it decodes windows itself: up to FEEDER_JOIN_S. With workers
+        (killed by now) it is waiting in the DataLoader's queue read, C code that such an exit does not abort,
+        for up to torch's 5-s status check, or rebuilding a batch it just received: up to FEEDER_JOIN_WORKERS_S."""
         feeder = self._feeder
         if feeder is None or feeder is threading.current_thread():
             return
-        deadline = time.monotonic() + FEEDER_JOIN_S
+        deadline = time.monotonic() + (FEEDER_JOIN_S if self._dl.num_workers == 0 else FEEDER_JOIN_WORKERS_S)
         while feeder.is_alive() and time.monotonic() < deadline:
             with contextlib.suppress(queue.Empty):
                 while True:
@@ -455,9 +457,10 @@ class ShardLoader:
 # after one (a slow but working loader then reaches the trainer's next sync point: a checkpoint), in seconds.
 POLL_S = 0.25
 STOP_GRACE_S = 1.0
-# How long close() waits for the feeder thread to end (it finishes the item in hand: one window's decode, or a
-# remote read, which close() has cancelled), in seconds.
+# How long close() waits for the feeder thread to end, in seconds: with 0 workers it finishes the item in hand (one
+# window's decode, or a remote read, which close() has cancelled); with workers, see ShardLoader._end_feeder.
 FEEDER_JOIN_S = 10.0
+FEEDER_JOIN_WORKERS_S = 0.5
 
 # Loaders whose workers may still run. At exit, multiprocessing terminates (SIGTERM, ignored by our workers) and
 # joins every worker, which would wait forever; this hook, registered after multiprocessing's own (atexit runs
