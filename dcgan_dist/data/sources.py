@@ -47,8 +47,27 @@ class Source:
         raise NotImplementedError
 
 
+class ArraySource(Source):
+    """A dataset held in memory: ``images`` (N, H, W) or (N, H, W, C) uint8, ``targets`` (N,) int64 and ``keys``
+    (N names, e.g. "t10k:17"), set by the subclass's constructor."""
+
+    images: np.ndarray
+    targets: np.ndarray
+    keys: list[str]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def labels(self) -> np.ndarray:
+        return self.targets
+
+    def items(self) -> Iterator[Item]:
+        for key, img, y in zip(self.keys, self.images, self.targets):
+            yield Item(key, img, int(y))
+
+
 # --------------------------------------------------------------------------------------------- digits
-class DigitsSource(Source):
+class DigitsSource(ArraySource):
     """The 1,797 8x8 handwritten digits that ship inside scikit-learn: no download, no --input."""
 
     name = "digits"
@@ -62,16 +81,8 @@ class DigitsSource(Source):
         # Values are 0..16 ink counts; stretch to 0..255 grey levels.
         self.images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)
         self.targets = d.target.astype(np.int64)
+        self.keys = [f"digits:{i}" for i in range(len(self.images))]
 
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def labels(self) -> np.ndarray:
-        return self.targets
-
-    def items(self) -> Iterator[Item]:
-        for i, (img, y) in enumerate(zip(self.images, self.targets)):
-            yield Item(f"digits:{i}", img, int(y))
 
 
 # -------------------------------------------------------------------------------------------- cifar10
@@ -102,7 +113,7 @@ def _load_cifar_pickle(data: bytes, where: str) -> dict:
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
 
 
-class Cifar10Source(Source):
+class Cifar10Source(ArraySource):
     """CIFAR10 python version: ``cifar-10-python.tar.gz`` or its extracted ``cifar-10-batches-py/``."""
 
     name = "cifar10"
@@ -133,15 +144,6 @@ class Cifar10Source(Source):
         self.targets = np.concatenate(labels)
         self.keys = keys
 
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def labels(self) -> np.ndarray:
-        return self.targets
-
-    def items(self) -> Iterator[Item]:
-        for key, img, y in zip(self.keys, self.images, self.targets):
-            yield Item(key, img, int(y))
 
 
 def _cifar_files(path: Path) -> dict:
@@ -179,7 +181,7 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
     return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
-class MnistSource(Source):
+class MnistSource(ArraySource):
     """MNIST IDX files (``train-images-idx3-ubyte[.gz]`` and labels; ``t10k-*`` for the test split)."""
 
     name = "mnist"
@@ -196,17 +198,8 @@ class MnistSource(Source):
         self.targets = _read_idx(labels, 2049).astype(np.int64)
         if len(self.images) != len(self.targets):
             raise UserError(f"{images} holds {len(self.images)} images but {labels} {len(self.targets)} labels")
-        self.prefix = prefix
+        self.keys = [f"{prefix}:{i}" for i in range(len(self.images))]
 
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def labels(self) -> np.ndarray:
-        return self.targets
-
-    def items(self) -> Iterator[Item]:
-        for i, (img, y) in enumerate(zip(self.images, self.targets)):
-            yield Item(f"{self.prefix}:{i}", img, int(y))
 
 
 def _find_idx(path: Path, stem: str) -> Path:
