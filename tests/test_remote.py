@@ -19,8 +19,13 @@ SECRET = "s3cr3t-never-written-anywhere"
 
 
 def batches(root, n, **kw):
+    """The image ids of the first n batches. The loader is closed: left open, its feeder thread (0 workers) went
+    on reading from a server the test then shut down, its retries' warnings landing in the next test's log."""
     loader = ShardLoader(root, batch_size=16, seed=3, **kw)
-    return [image_index(x.numpy()).tolist() for x, _ in itertools.islice(loader, n)]
+    try:
+        return [image_index(x.numpy()).tolist() for x, _ in itertools.islice(loader, n)]
+    finally:
+        loader.close()
 
 
 @pytest.fixture(scope="module")

@@ -211,7 +211,8 @@ class Store:
                 if attempt == self.retries or self.deadline_s - spent - delay < min(self.timeout_s, MIN_TRY_S):
                     raise UserError(f"{self.url(name)}: unreachable after {attempt + 1} tries in {spent:.1f} s while "
                                     f"{what} ({type(error).__name__}: {str(error)[:160]}){self._bounds(error)}") from None
-                log.warning("%s: %s (%s); retrying in %.2f s", self.url(name), what, type(error).__name__, delay)
+                log.warning("%s: %s (%s: %s); retrying in %.2f s", self.url(name), what, type(error).__name__,
+                            str(error)[:160], delay)
                 if self._cancelled.wait(delay):
                     raise Cancelled(self.url(name)) from None
 
