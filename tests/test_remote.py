@@ -224,7 +224,9 @@ def test_sigterm_while_the_shard_server_hangs_stops_the_run_at_once_with_exit_75
     assert out.strip().splitlines()[-1] == (f"stopped by signal while waiting for data from {url}; run the same "
                                             f"command again to resume from the newest checkpoint (none yet: from "
                                             f"the start)")
-    assert took < 5 and "Traceback" not in err
+    # the unfixed trainer waited for the request's 30-s timeout and its retries; what remains is the 1-s grace, the
+    # loader's close and the interpreter's teardown (2.5 s of the 4.2 s measured on a slow 2-core VM, 2026-12-01)
+    assert took < 15 and "Traceback" not in err
 
 
 def test_without_the_remote_extra_an_http_folder_is_one_line_at_once(monkeypatch, caplog):
