@@ -23,7 +23,9 @@ from test_resume import assert_bitwise_equal, last_step, load_file
 sys.path.insert(0, str(Path(__file__).parent / "slurm"))
 import cluster  # noqa: E402
 
-pytestmark = pytest.mark.slurm
+# the module fixture runs five 2-rank jobs side by side, requeues included (~90 s each): on a slow 2-core VM
+# (2026-12-01) it outlasted the suite's 300-s timeout while every job still finished; wait_done bounds each job
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(1200)]
 
 STEPS = 300
 STOP_AFTER = 60               # the stop request comes once the job has trained this many steps
