@@ -84,7 +84,6 @@ class DigitsSource(ArraySource):
         self.keys = [f"digits:{i}" for i in range(len(self.images))]
 
 
-
 # -------------------------------------------------------------------------------------------- cifar10
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """CIFAR10's public format is a pickle; allow only what its arrays need, never arbitrary objects."""
@@ -145,7 +144,6 @@ class Cifar10Source(ArraySource):
         self.keys = keys
 
 
-
 def _cifar_files(path: Path) -> dict:
     """Map batch file name -> loader, from the .tar.gz or from a folder (itself or a parent)."""
     if path.is_file():
@@ -199,7 +197,6 @@ class MnistSource(ArraySource):
         if len(self.images) != len(self.targets):
             raise UserError(f"{images} holds {len(self.images)} images but {labels} {len(self.targets)} labels")
         self.keys = [f"{prefix}:{i}" for i in range(len(self.images))]
-
 
 
 def _find_idx(path: Path, stem: str) -> Path:
