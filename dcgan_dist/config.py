@@ -119,6 +119,8 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     every: int = 0                       # steps between FID/KID evaluations during training (0: off)
+    reference: str = ""                  # shards to compare with, e.g. the test split ("": the training shards);
+                                         # the features still come from the training shards
     n: int = 50000                       # generated images per evaluation (and real images kept for KID)
     features: str = "auto"               # inception | classifier (trained on the shards' labels) | auto
                                          # (classifier for 1-channel shards, inception otherwise)

@@ -16,26 +16,31 @@ from dcgan_dist.errors import UserError
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("source", choices=SOURCES)
-    p.add_argument("--input", help="archive, folder or lmdb of the source (not for digits); for webdataset, "
-                                   "shard paths or http(s)/s3/gs URLs with braces: 'shards-{000000..000099}.tar'")
+    p.add_argument("--input", help="archive, folder or lmdb of the source (not for digits; fashion-mnist: default "
+                                   "/usr/share/datasets/fashion-mnist, Debian's dataset-fashion-mnist); for "
+                                   "webdataset, shard paths or http(s)/s3/gs URLs with braces: "
+                                   "'shards-{000000..000099}.tar'")
     p.add_argument("--label-field", help="webdataset: take the label from this field of each sample's .json "
                                          "(default: the .cls member)")
     p.add_argument("--out", type=Path, required=True, help="output folder for shards + manifest.json")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--channels", type=int, choices=(1, 3), help="default: the source's own")
-    p.add_argument("--split", choices=("train", "test"), default="train", help="cifar10, mnist")
-    p.add_argument("--classes", help="keep only these classes, names or indices: 'cat' or '3,5'")
+    p.add_argument("--split", choices=("train", "test"), default="train", help="cifar10, mnist, fashion-mnist")
+    p.add_argument("--classes", help="keep only these classes, names or indices: 'cat', 'Sneaker' or '3,5'")
     p.add_argument("--shard-size", type=int, default=8192, help="images per shard")
     p.add_argument("--chunk-size", type=int, default=256, help="images per tar sample")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="parallel decode/resize processes")
     p.add_argument("--limit", type=int, help="convert at most this many images")
-    p.add_argument("--download", action="store_true", help="cifar10/mnist: fetch into --input first")
+    p.add_argument("--download", action="store_true",
+                   help="cifar10, mnist, fashion-mnist: fetch into --input first (checked against the published "
+                        "checksums)")
+    p.add_argument("--mirror", help="mnist, fashion-mnist --download: fetch from this base URL instead")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     try:
-        src = open_source(a.source, a.input, a.split, a.download, a.label_field)
+        src = open_source(a.source, a.input, a.split, a.download, a.label_field, a.mirror)
         opts = PrepareOptions(a.source, a.input, a.split, a.resolution, a.channels,
                               a.classes, a.shard_size, a.chunk_size, a.limit, a.label_field)
         m = prepare(src, a.out, opts, workers=a.workers, overwrite=a.overwrite, progress=not a.quiet)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import pickle
 import random
 import struct
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -160,17 +162,24 @@ def _cifar_files(path: Path) -> dict:
     return {p.name: p.read_bytes for p in folder.iterdir() if p.is_file()}
 
 
-# ---------------------------------------------------------------------------------------------- mnist
+# ------------------------------------------------------------------------------------ mnist, fashion-mnist
 def _read_idx(path: Path, magic: int) -> np.ndarray:
+    """An IDX file (LeCun's MNIST format: big-endian magic 0x0000080D, D = number of dimensions, then D uint32
+    sizes, then uint8 data), gzipped or not -> uint8 array of those sizes. Every damage is a UserError."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as e:
-        raise UserError(f"{path}: cannot read IDX file ({e})") from None
-    if len(data) < 8 or struct.unpack(">I", data[:4])[0] != magic:
-        raise UserError(f"{path}: not an IDX file with magic number {magic}")
+    except (OSError, EOFError, zlib.error) as e:     # not gzip, truncated, or a corrupt compressed stream
+        raise UserError(f"{path}: cannot read ({type(e).__name__}: {e}); the file is damaged: fetch it "
+                        f"again{_REFETCH}") from None
+    if not data:
+        raise UserError(f"{path}: is empty; fetch it again{_REFETCH}")
+    if len(data) < 4 or struct.unpack(">I", data[:4])[0] != magic:
+        raise UserError(f"{path}: not an IDX file with magic number {magic} (starts with {data[:4].hex()})")
     ndim = magic & 0xFF
+    if len(data) < 4 + 4 * ndim:
+        raise UserError(f"{path}: the IDX header is cut short ({len(data)} bytes)")
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     body = data[4 + 4 * ndim:]
     expected = int(np.prod(dims))
@@ -179,33 +188,124 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
     return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
-class MnistSource(ArraySource):
-    """MNIST IDX files (``train-images-idx3-ubyte[.gz]`` and labels; ``t10k-*`` for the test split)."""
+_REFETCH = " (prepare_data.py --download, or reinstall the package that holds it)"
 
-    name = "mnist"
+
+class IdxSource(ArraySource):
+    """Images and labels in IDX files, ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``: MNIST's format,
+    which Fashion-MNIST shares. The published files' mirrors and md5s are torchvision's (``torchvision_name``);
+    ``content_sha256``: sha256 of a file's decompressed bytes, where a repackaged copy (Debian's) is known."""
+
     default_channels = 1
-    class_names = [str(i) for i in range(10)]
+    torchvision_name = ""
+    content_sha256: dict[str, str] = {}
+    default_input: Path | None = None
 
-    def __init__(self, path: Path, split: str = "train", download: bool = False) -> None:
-        if download:
-            path = _download_torchvision("MNIST", path)
+    def __init__(self, path: Path, split: str = "train") -> None:
         prefix = "train" if split == "train" else "t10k"
         images = _find_idx(path, f"{prefix}-images-idx3-ubyte")
         labels = _find_idx(path, f"{prefix}-labels-idx1-ubyte")
         self.images = _read_idx(images, 2051)
         self.targets = _read_idx(labels, 2049).astype(np.int64)
         if len(self.images) != len(self.targets):
-            raise UserError(f"{images} holds {len(self.images)} images but {labels} {len(self.targets)} labels")
+            raise UserError(f"{images} holds {len(self.images)} images but {labels} {len(self.targets)} labels; "
+                            f"the two files are not a pair")
+        if len(self.targets) and self.targets.max() >= len(self.class_names):
+            i = int(self.targets.argmax())
+            raise UserError(f"{labels}: label {self.targets[i]} of image {i} is outside the {len(self.class_names)} "
+                            f"classes of {self.name} (0-{len(self.class_names) - 1}); the file is not {self.name}'s")
         self.keys = [f"{prefix}:{i}" for i in range(len(self.images))]
+
+    @classmethod
+    def download(cls, root: Path, mirror: str | None = None, timeout: float = 60.0) -> Path:
+        """Fetch the four files into ``root`` (skipping those already there and sound), each checked against
+        its published checksum before it takes its final name; returns ``root``. Raises UserError."""
+        import hashlib
+        import urllib.request
+
+        mirrors, resources = _torchvision_resources(cls.torchvision_name)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--input {root}: cannot create ({e.strerror or e})") from None
+        for name, md5 in resources:
+            dest = root / name
+            if dest.is_file() and cls._sound(dest, md5):
+                continue
+            url = (mirror or mirrors[0]).rstrip("/") + "/" + name
+            part = dest.with_name(dest.name + ".part")
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as r, open(part, "wb") as f:
+                    while block := r.read(1 << 20):
+                        f.write(block)
+            except Exception as e:  # noqa: BLE001 - URLError, HTTPError, timeouts, resets, a full disk
+                part.unlink(missing_ok=True)
+                raise UserError(f"downloading {url} failed ({type(e).__name__}: {e}); without internet, copy "
+                                f"the four files into {root} and drop --download") from None
+            if not cls._sound(part, md5):
+                got = hashlib.md5(part.read_bytes()).hexdigest()
+                part.unlink()
+                raise UserError(f"{url}: the download does not match the published checksum (md5 {got}, expected "
+                                f"{md5}); nothing was kept: try again or another --mirror")
+            os.replace(part, dest)
+        return root
+
+    @classmethod
+    def _sound(cls, path: Path, md5: str) -> bool:
+        """The published .gz (md5), or a recompressed copy whose IDX bytes are the published ones (sha256)."""
+        import hashlib
+
+        if hashlib.md5(path.read_bytes()).hexdigest() == md5:
+            return True
+        want = cls.content_sha256.get(path.name.split(".")[0])
+        try:
+            return want is not None and hashlib.sha256(gzip.open(path).read()).hexdigest() == want
+        except (OSError, EOFError, zlib.error):
+            return False
+
+
+def _torchvision_resources(dataset: str) -> tuple[list[str], list[tuple[str, str]]]:
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, dataset)
+    return list(cls.mirrors), [(url.rsplit("/", 1)[-1], md5) for url, md5 in cls.resources]
+
+
+class MnistSource(IdxSource):
+    """MNIST (LeCun et al.): 60,000 train and 10,000 test 28x28 grey digits."""
+
+    name = "mnist"
+    torchvision_name = "MNIST"
+    class_names = [str(i) for i in range(10)]
+
+
+class FashionMnistSource(IdxSource):
+    """Fashion-MNIST (Xiao et al. 2017, zalandoresearch/fashion-mnist): 60,000 train and 10,000 test 28x28 grey
+    images of 10 clothing classes, in MNIST's file format. Debian ships it (``apt-get install
+    dataset-fashion-mnist``) in ``default_input``."""
+
+    name = "fashion-mnist"
+    torchvision_name = "FashionMNIST"
+    class_names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
+    default_input = Path("/usr/share/datasets/fashion-mnist")
+    # Debian's package recompressed the published .gz files (other md5s); these are their IDX bytes, the same
+    # 60,000 + 10,000 images and labels.
+    content_sha256 = {
+        "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+        "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+        "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+        "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+    }
 
 
 def _find_idx(path: Path, stem: str) -> Path:
-    # torchvision's download puts the files under <root>/MNIST/raw/.
-    for folder in (path, path / "raw", path / "MNIST" / "raw"):
+    # torchvision's download puts the files under <root>/<Dataset>/raw/.
+    for folder in (path, path / "raw", path / "MNIST" / "raw", path / "FashionMNIST" / "raw"):
         for name in (stem, stem + ".gz"):
             if (folder / name).is_file():
                 return folder / name
-    raise UserError(f"{path}: no {stem} or {stem}.gz (looked in it, raw/ and MNIST/raw/)")
+    raise UserError(f"{path}: no {stem} or {stem}.gz (looked in it, raw/, MNIST/raw/ and FashionMNIST/raw/)")
 
 
 # ----------------------------------------------------------------------------------------------- lsun
@@ -380,22 +480,31 @@ class WebDatasetSource(Source):
 
 
 # -------------------------------------------------------------------------------------------- helpers
-SOURCES = ("digits", "cifar10", "mnist", "lsun", "folder", "webdataset")
+SOURCES = ("digits", "cifar10", "mnist", "fashion-mnist", "lsun", "folder", "webdataset")
+IDX = {"mnist": MnistSource, "fashion-mnist": FashionMnistSource}
 
 
 def open_source(name: str, path: str | Path | None, split: str = "train", download: bool = False,
-                label_field: str | None = None) -> Source:
-    """Build the reader for ``name``; every mistake (unknown source, bad path) is a UserError."""
+                label_field: str | None = None, mirror: str | None = None) -> Source:
+    """Build the reader for ``name``; every mistake (unknown source, bad path) is a UserError. ``path`` None for
+    fashion-mnist: the Debian package's folder (``data/raw/fashion-mnist`` with ``download``)."""
     if name not in SOURCES:
         raise UserError(f"unknown source {name!r}; choose one of {', '.join(SOURCES)}")
     if split not in ("train", "test"):
         raise UserError(f"unknown split {split!r}; choose train or test")
     if name == "digits":
         return DigitsSource()
+    if path is None and name == "fashion-mnist":
+        path = Path("data/raw/fashion-mnist") if download else FashionMnistSource.default_input
+        if not download and not path.is_dir():
+            raise UserError(f"fashion-mnist: no --input and no {path}; install it (apt-get install -y "
+                            f"dataset-fashion-mnist), or pass --input DIR with the four IDX files, or --download")
     if path is None:
         raise UserError(f"source {name!r} needs --input PATH")
-    if download and name not in ("cifar10", "mnist"):
-        raise UserError(f"--download is only available for cifar10 and mnist, not {name}")
+    if download and name not in ("cifar10", *IDX):
+        raise UserError(f"--download is only available for cifar10, mnist and fashion-mnist, not {name}")
+    if mirror and not (download and name in IDX):
+        raise UserError("--mirror is only for --download of mnist or fashion-mnist")
     if name == "webdataset":                  # a pattern or URL, not one path
         return WebDatasetSource(str(path), label_field)
     if label_field:
@@ -405,28 +514,33 @@ def open_source(name: str, path: str | Path | None, split: str = "train", downlo
         raise UserError(f"{path}: no such file or folder")
     if name == "cifar10":
         return Cifar10Source(path, split, download)
-    if name == "mnist":
-        return MnistSource(path, split, download)
+    if name in IDX:
+        return IDX[name](IDX[name].download(path, mirror) if download else path, split)
     if name == "lsun":
         return LsunSource(path)
     return FolderSource(path)
 
 
 def parse_classes(spec: str | None, class_names: list[str] | None) -> list[int] | None:
-    """``"cat"`` or ``"3,5"`` -> sorted class indices, checked against the source's class names."""
-    if not spec:
+    """``"cat"`` or ``"3,5"`` -> sorted class indices, checked against the source's class names (case does not
+    matter). None (not given) keeps every class; an empty or blank ``spec`` is a UserError."""
+    if spec is None:
         return None
     if not class_names:
         raise UserError("--classes: this source has no classes to choose from")
+    valid = f"valid: {', '.join(class_names)} or indices 0-{len(class_names) - 1}"
+    tokens = [t.strip() for t in spec.split(",") if t.strip()]
+    if not tokens:
+        raise UserError(f"--classes {spec!r} names no class; {valid}")
+    lower = [c.lower() for c in class_names]
     chosen = set()
-    for token in (t.strip() for t in spec.split(",") if t.strip()):
-        if token in class_names:
-            chosen.add(class_names.index(token))
+    for token in tokens:
+        if token.lower() in lower:
+            chosen.add(lower.index(token.lower()))
         elif token.isdigit() and int(token) < len(class_names):
             chosen.add(int(token))
         else:
-            raise UserError(f"--classes: unknown class {token!r}; valid: {', '.join(class_names)} "
-                            f"or indices 0-{len(class_names) - 1}")
+            raise UserError(f"--classes: unknown class {token!r}; {valid}")
     return sorted(chosen)
 
 

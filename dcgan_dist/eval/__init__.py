@@ -1,4 +1,7 @@
-"""Quality measurement: FID and KID of a generator (G_ema by default) against its training shards."""
+"""Quality measurement: FID, KID and improved precision/recall of a generator (G_ema by default) against a
+reference set: the held-out split named by ``eval.reference`` (the published protocol: generated images against the
+*test* images), else the training shards. The features come from the training shards (Inception, or a classifier
+trained on them), never from the reference."""
 
 from __future__ import annotations
 
@@ -11,10 +14,26 @@ from torch import nn
 
 from ..rng import isolated_rng
 from .features import DigitClassifier, build_extractor, cache_dir
-from .metrics import Dist, fid_kid, generated_features, reference
+from .metrics import Dist, fid_kid, generated_features, image_features, reference
 from .native import NativePixels, precision_recall, std_ratio
 
-__all__ = ["Dist", "Evaluator"]
+__all__ = ["Dist", "Evaluator", "reference_set"]
+
+PR_MAX = 10_000      # precision/recall on at most this many real and generated images (an N x M distance matrix)
+
+
+def reference_set(ecfg, shards, manifest: dict, verify: str = "size") -> tuple[str | Path, dict]:
+    """(shards, manifest) the measures compare with: ``eval.reference`` when set (checked: it exists and holds
+    images of the training shards' resolution and channels; a UserError otherwise), else the training shards."""
+    from ..data import load_manifest
+    from ..errors import UserError
+
+    if not ecfg.reference:
+        return shards, manifest
+    try:
+        return ecfg.reference, load_manifest(ecfg.reference, verify, manifest["resolution"], manifest["channels"])
+    except UserError as e:
+        raise UserError(f"eval.reference: {e}") from None
 
 
 class Evaluator:
@@ -28,37 +47,65 @@ class Evaluator:
         with _main_first(dist):    # rank 0 trains/caches the classifier or computes nothing; the others load it
             self.extractor = build_extractor(ecfg.features, self.shards, manifest, ecfg.inception_weights,
                                              ecfg.cache_dir, dist.device)
-        self.ref = reference(self.extractor, self.shards, manifest, ecfg.n, cache_dir(ecfg.cache_dir), dist,
+        self.ref_shards, ref_manifest = reference_set(ecfg, shards, manifest)
+        self.ref = reference(self.extractor, self.ref_shards, ref_manifest, ecfg.n, cache_dir(ecfg.cache_dir), dist,
                              ecfg.batch_size)
         # eval.native_resolution: the second measure, in the data's own pixel space (eval/native.py)
         self.native = NativePixels(ecfg.native_resolution, manifest["channels"]) if ecfg.native_resolution else None
-        self.ref_native = reference(self.native, self.shards, manifest, ecfg.n, cache_dir(ecfg.cache_dir), dist,
-                                    ecfg.batch_size) if self.native else None
+        self.ref_native = reference(self.native, self.ref_shards, ref_manifest, ecfg.n, cache_dir(ecfg.cache_dir),
+                                    dist, ecfg.batch_size) if self.native else None
 
     @isolated_rng()
     def __call__(self, generator: nn.Module, n: int | None = None) -> dict:
+        """The measures of ``n`` (default ``eval.n``) images of ``generator``: a dict with fid, kid, kid_std,
+        precision, recall, the counts, the features' key and description, and the seconds it took."""
         n = n or self.cfg.n
         t0 = time.perf_counter()
         fake, *native = generated_features(generator, [self.extractor, *([self.native] if self.native else [])], n,
                                            self.cfg.seed, self.dist, self.cfg.batch_size)
+        return self._measures(fake, native[0] if native else None, n, t0)
+
+    @isolated_rng()
+    def images(self, images: torch.Tensor) -> dict:
+        """The same measures of given images (uint8 N x C x H x W, on the CPU; e.g. real training images for the
+        floor, or another program's samples) instead of a generator's."""
+        t0 = time.perf_counter()
+        fake, *native = image_features(images, [self.extractor, *([self.native] if self.native else [])],
+                                       self.dist, self.cfg.batch_size)
+        return self._measures(fake, native[0] if native else None, len(images), t0)
+
+    def _measures(self, fake: torch.Tensor, native: torch.Tensor | None, n: int, t0: float) -> dict:
         result = fid_kid(self.ref, fake, self.dist, self.cfg.kid_subsets, self.cfg.kid_subset_size, self.cfg.seed)
-        if native:
-            result.update(self._native(native[0]))
+        result.update(zip(("precision", "recall"), self._precision_recall(self.ref, self._gather(fake))))
+        if native is not None:
+            result.update(self._native(native))
         if isinstance(self.extractor, DigitClassifier):
             result["class_fractions"] = self._class_fractions(fake)
         seconds = time.perf_counter() - t0
-        return {**result, "features": self.extractor.key, "eval_s": seconds,
+        return {**result, "reference": str(self.ref_shards), "features": self.extractor.key,
+                "features_description": self.extractor.description, "eval_s": seconds,
                 "eval_s_per_1k": seconds / n * 1000}
+
+    def _gather(self, features: torch.Tensor) -> torch.Tensor:
+        """Every rank's features, in rank order (a collective when world > 1)."""
+        if self.dist.world == 1:
+            return features
+        return torch.cat([f.to(self.dist.device) for f in self.dist.gather_object([features.cpu()])])
+
+    @staticmethod
+    def _precision_recall(ref: dict, fake: torch.Tensor) -> tuple[float, float]:
+        """Improved precision/recall (k=3) of the first PR_MAX of ``fake`` (all ranks' features) against the first
+        PR_MAX real images the reference keeps."""
+        return precision_recall(ref["kid"][:PR_MAX].to(fake.device), fake[:PR_MAX])
 
     def _native(self, fake: torch.Tensor) -> dict:
         """Frechet distance, improved precision/recall and the pixel-std ratio at the native resolution, against
         the real images the reference keeps (``eval.n`` of them at most). Every rank gets the same values."""
         res = self.cfg.native_resolution
         fd = fid_kid(self.ref_native, fake, self.dist, 1, 2)["fid"]
-        if self.dist.world > 1:
-            fake = torch.cat([f.to(self.dist.device) for f in self.dist.gather_object([fake.cpu()])])
+        fake = self._gather(fake)
+        precision, recall = self._precision_recall(self.ref_native, fake)
         real = self.ref_native["kid"].to(fake.device)
-        precision, recall = precision_recall(real, fake)
         return {f"fd_pixels{res}": fd, f"precision_pixels{res}": precision, f"recall_pixels{res}": recall,
                 f"std_ratio_pixels{res}": std_ratio(real, fake)}
 

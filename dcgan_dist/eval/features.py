@@ -63,6 +63,7 @@ class InceptionFeatures(nn.Module):
             raise UserError(f"eval.inception_weights: {weights} does not fit Inception-v3 "
                             f"({brief(e, 120)}); use {INCEPTION_URL}") from None
         self.key = f"inception-{sha256_file(weights)[:12]}"
+        self.description = "Inception-v3 pool3, the 2015-12-05 FID weights (the features papers report)"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[1] == 1:
@@ -84,7 +85,7 @@ class DigitClassifier(nn.Module):
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(64, num_classes)
         self.register_buffer("scale", torch.ones(()))
-        self.key = ""
+        self.key = self.description = ""
 
     def activations(self, images: torch.Tensor) -> torch.Tensor:
         return self.body(images.float() * (2 / 255) - 1)
@@ -93,13 +94,17 @@ class DigitClassifier(nn.Module):
         return self.activations(images) / self.scale
 
 
-# in the cache key: version 2 trains on one thread (version 1's weights depended on the thread count)
-CLASSIFIER_RECIPE = {"version": 2, "steps": 500, "batch": 128, "lr": 3e-3, "holdout": 0.1, "seed": 0, "threads": 1}
+# In the cache key. Version 2 trains on one thread (version 1's weights depended on the thread count); version 3
+# trains for max(steps, epochs over the training part) steps: the 500 steps of before for small sets (the digits:
+# the same weights), ~2,500 on Fashion-MNIST's 54,000 (held-out accuracy 0.75 after 500 steps, 0.87 after 3,000).
+CLASSIFIER_RECIPE = {"version": 3, "steps": 500, "epochs": 6, "batch": 128, "lr": 3e-3, "holdout": 0.1, "seed": 0,
+                     "threads": 1}
 
 
 def classifier(shards: Path, manifest: dict, cache: Path, device: torch.device) -> DigitClassifier:
     """The classifier for these shards: loaded from the cache, or trained on them (labels needed) and cached.
-    Training (500 steps of batch 128) takes ~20 s on a 2-core CPU at 32 px; the held-out accuracy is logged.
+    Training (at least 500 steps of batch 128, else 6 epochs) takes ~20 s on a 2-core CPU at 32 px for the
+    digits, ~90 s for Fashion-MNIST; the held-out accuracy is logged.
     A damaged cached entry is trained again (with a warning); an unwritable cache is a UserError."""
     from ..data import read_shards
 
@@ -110,6 +115,7 @@ def classifier(shards: Path, manifest: dict, cache: Path, device: torch.device) 
     path = cache / f"{key}.safetensors"
     net = DigitClassifier(manifest["channels"], len(classes))
     entry = cached.load(path)
+    accuracy = entry[1].get("heldout_accuracy", "?") if entry is not None else "?"
     if entry is not None:
         try:
             net.load_state_dict(entry[0])
@@ -123,10 +129,13 @@ def classifier(shards: Path, manifest: dict, cache: Path, device: torch.device) 
         x = torch.from_numpy(np.stack([p[0] for p in pairs])).permute(0, 3, 1, 2).contiguous()
         y = torch.tensor([p[1] for p in pairs])
         acc = _train_classifier(net, x, y)
-        cached.save(path, net.state_dict(), {"heldout_accuracy": f"{acc:.4f}", "recipe": recipe})
+        accuracy = f"{acc:.4f}"
+        cached.save(path, net.state_dict(), {"heldout_accuracy": accuracy, "recipe": recipe})
         log.info("trained the FID feature classifier on %d images of %s in %.1f s: held-out accuracy %.3f; "
                  "cached as %s", len(x), shards, time.perf_counter() - t0, acc, path)
     net.key = key
+    net.description = (f"a classifier trained on {shards} ({manifest['num_images']} images, held-out accuracy "
+                       f"{accuracy}), not Inception: compare only with figures of the same features")
     return net.to(device).eval().requires_grad_(False)
 
 
@@ -156,7 +165,7 @@ def _fit(net: DigitClassifier, x: torch.Tensor, y: torch.Tensor) -> float:
                 m.reset_parameters()
         opt = torch.optim.Adam(net.parameters(), lr=r["lr"])
         net.train()
-        for _ in range(r["steps"]):
+        for _ in range(max(r["steps"], -(-r["epochs"] * len(train) // r["batch"]))):
             idx = train[torch.randint(len(train), (r["batch"],), generator=gen)]
             loss = nn.functional.cross_entropy(net.head(net.activations(x[idx])), y[idx])
             opt.zero_grad(set_to_none=True)

@@ -139,6 +139,18 @@ def generated_features(generator: nn.Module, extractors, n: int, seed: int, dist
     return feats if many else feats[0]
 
 
+@torch.no_grad()
+def image_features(images: torch.Tensor, extractors: list, dist: Dist, batch: int = 250) -> list[torch.Tensor]:
+    """Features of this rank's share of given images (uint8 N x C x H x W), dealt in blocks as generated images
+    are, for each extractor."""
+    out = [[] for _ in extractors]
+    for block, size in _rank_blocks(len(images), batch, dist.rank, dist.world):
+        x = images[block * batch: block * batch + size].to(dist.device)
+        for o, extractor in zip(out, extractors):
+            o.append(extractor(x).float())
+    return [torch.cat(o) if o else torch.zeros(0, e.num_features, device=dist.device) for o, e in zip(out, extractors)]
+
+
 def fid_kid(ref: dict, fake: torch.Tensor, dist: Dist, kid_subsets: int = 100, kid_subset_size: int = 1000,
             seed: int = 0) -> dict:
     """FID and KID between the reference statistics and every rank's ``fake`` features (a collective: every

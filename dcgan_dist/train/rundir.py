@@ -59,12 +59,14 @@ def preflight(cfg: Config, world_size: int) -> dict:
     and loader worker. Returns the manifest."""
     from ..data import load_manifest
     from ..data.loader import check_fills
+    from ..eval import reference_set
     from ..eval.features import check_features
 
     m = load_manifest(cfg.data.shards, cfg.data.verify, cfg.data.resolution, cfg.data.channels)
     check_fills(cfg.data.shards, m["num_images"], cfg.train.batch_size, world_size)
     if cfg.eval.every:      # the Inception weights file, or labels for the classifier features
         check_features(cfg.eval.features, cfg.data.shards, m, cfg.eval.inception_weights, cfg.eval.cache_dir)
+        reference_set(cfg.eval, cfg.data.shards, m, cfg.data.verify)
     return m
 
 
