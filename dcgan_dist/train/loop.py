@@ -185,6 +185,9 @@ def _train(cfg: Config, stop: StopRequest) -> dict:
                              batch_timeout_s=cfg.data.batch_timeout_s)
         evaluator = Evaluator(cfg.eval, cfg.data.shards, manifest, Dist.from_accelerator(acc)) \
             if cfg.eval.every else None
+        if evaluator is not None and acc.is_main_process:
+            log.info("every %d steps: FID, KID, precision and recall of %d generated images against %s; features: "
+                     "%s", cfg.eval.every, cfg.eval.n, evaluator.ref_shards, evaluator.extractor.description)
         return _loop(acc, cfg, nets, state, loader, stop, wandb, evaluator)
     except UserError:
         _leave_group()
@@ -414,13 +417,14 @@ def _evaluate(nets: Nets, state: TrainState, evaluator: Evaluator, unwrapped_g, 
     """FID/KID of G_ema (G without model.ema) on every rank; rank 0 logs them. True when the FID is the best so
     far: that step is then checkpointed and kept whatever checkpoint.keep says."""
     result = evaluator(nets.ema.model if nets.ema is not None else unwrapped_g)
-    row = {"step": state.step, **{k: v for k, v in result.items() if k in ("fid", "kid", "kid_std", "eval_s")
+    row = {"step": state.step, **{k: v for k, v in result.items() if k in ("fid", "kid", "kid_std", "precision", "recall", "eval_s")
                                   or k.endswith("_pixels" + str(evaluator.cfg.native_resolution))}}
     if metrics is not None:
         metrics.write(row)
         tracked.log({k: v for k, v in row.items() if k != "step"}, step=state.step)
-        log.info("step %d: FID %.3f, KID %.5f (%d images, %.1f s)", state.step, result["fid"], result["kid"],
-                 result["n_fake"], result["eval_s"])
+        log.info("step %d: FID %.4f, KID %.5f, precision %.3f, recall %.3f (%d images against %s, %.1f s)",
+                 state.step, result["fid"], result["kid"], result["precision"], result["recall"], result["n_fake"],
+                 result["reference"], result["eval_s"])
     if result["fid"] < state.best_fid:
         state.best_fid, state.best_step = result["fid"], state.step
         return True

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Fetch, on a machine with PyPI, the Python 3.12 wheels that tests/gpu/run.sh needs on the GPU machine and that
 # its image lacks (webdataset, braceexpand, lmdb, wandb and what wandb imports), into .whl/ (git-ignored).
-# The versions are those this project's CPU environment runs and tests. Then:
-#   device run: carry [".whl"], command "bash tests/gpu/run.sh"
+# The versions are those this project's CPU environment runs and tests. Also Fashion-MNIST's four IDX files
+# (Debian's dataset-fashion-mnist, 31 MB) and the feature classifier trained on them here, into .fashion/, so
+# that the GPU spends no time training it (it is the same file there: the shards are byte-identical). Then:
+#   device run: carry [".whl", ".fashion"], command "bash tests/gpu/run.sh"
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 mkdir -p .whl
@@ -15,4 +17,8 @@ python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3
     opentelemetry-proto==1.45.2 opentelemetry-exporter-otlp-proto-http==1.45.2 \
     opentelemetry-exporter-otlp-proto-common==1.45.2 opentelemetry-exporter-otlp-common==0.66b2 \
     opentelemetry-exporter-http-transport==0.66b2
-du -sh .whl
+mkdir -p .fashion
+cp /usr/share/datasets/fashion-mnist/*-ubyte.gz .fashion/
+python3 tests/gpu/fashion.py --idx .fashion --work build/fashion-cache --json build/fashion-cache.json \
+    --cache .fashion/cache --cache-only
+du -sh .whl .fashion

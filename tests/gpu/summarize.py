@@ -1,5 +1,5 @@
 """The summary section of tests/gpu/run.sh: summary.json and summary.md from what the sections wrote under OUT
-(sections.jsonl, env.json, bench.json, e2e.json, log.txt). Usage: python tests/gpu/summarize.py OUT;
+(sections.jsonl, env.json, bench.json, e2e.json, fashion.json, log.txt). Usage: python tests/gpu/summarize.py OUT;
 python tests/gpu/summarize.py --env FILE writes the environment (the setup section)."""
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def summarize(out: Path) -> dict:
     pytest_line = next((m.group(0) for m in re.finditer(r"^=*\s*\d+ (passed|failed|skipped|deselected).*$", log,
                                                         re.M)), None)
     bench, e2e = read_json(out / "bench.json"), read_json(out / "e2e.json")
-    s = {"env": read_json(out / "env.json"), "sections": sections, "pytest": pytest_line, "e2e": e2e}
+    s = {"env": read_json(out / "env.json"), "sections": sections, "pytest": pytest_line, "e2e": e2e,
+         "fashion": read_json(out / "fashion.json")}
     if bench:
         rows = [r for r in bench["rows"] if r["images_per_s"]]
         ours = [r for r in rows if r["resolution"] == 64 and r["mode"] not in ("textbook", "shards")
@@ -67,6 +68,15 @@ def markdown(s: dict) -> str:
         lines.append(f"end to end: exit {e['exit_code']}, {e['images_per_s_median'] or 0:,.0f} img/s (median), peak "
                      f"GPU memory {e['gpu_mem_gb_peak']} GiB, checkpoint {e['checkpoint_s']} s, grid {e['grid_s']} s, "
                      f"W&B {e['wandb']}")
+    f = s.get("fashion")
+    if f and "G_ema" in f:
+        g, floor = f["G_ema"], f.get("floor") or {}
+        lines.append(f"Fashion-MNIST: {f['epochs']} epochs ({f['steps']} steps) in {f['train_wall_s']} s, "
+                     f"{f['images_per_s_median'] or 0:,.0f} img/s (median); G_ema FID {g['fid']:.4f}, precision "
+                     f"{g['precision']:.3f}, recall {g['recall']:.3f} ({g['n_fake']} vs {g['n_real']} test images); "
+                     f"floor FID {floor.get('fid', float('nan')):.4f} ({f.get('fid_over_floor') or 0:.1f}x)")
+    elif f:
+        lines.append(f"Fashion-MNIST: incomplete: {json.dumps(f)[:300]}")
     return "\n".join(lines) + "\n"
 
 
