@@ -4,7 +4,8 @@ run's own [eval] settings: eval.reference, eval.features), for dcgan_dist and fo
   python docs/quality_curve.py ours --config configs/fashion.toml --minutes 12 --every 250 --out bench/fashion
   python docs/quality_curve.py textbook --examples /path/to/pytorch-examples/dcgan --config configs/fashion.toml \\
       --minutes 12 24 --out bench/textbook
-  python docs/quality_curve.py table --config configs/fashion.toml bench/fashion bench/textbook
+  python docs/quality_curve.py table --config configs/fashion.toml bench/fashion bench/textbook \
+      [--plot docs/fashion_curve.png] [--real-grid docs/fashion_real.png]
 
 ``ours`` trains the config on 2 processes (``accelerate launch --multi_gpu --num_processes 2``), keeps a checkpoint
 every ``--every`` steps, stops it (STOP file) after ``--minutes`` and measures G_ema of each checkpoint; the
@@ -13,7 +14,9 @@ unchanged (``--dataset mnist`` pointed at the IDX files given by data.shards' so
 process and, at each of ``--minutes`` since its start, generates 10,000 images with a copy of its G (train-mode
 BatchNorm, as its own samples are drawn; the seconds this takes are not counted), area-averaged to the run's
 resolution. ``table`` prints every point with its ratio to the floor: real training images against the same
-reference. Each run writes points.jsonl into its --out folder.
+reference, and with --plot draws FID / floor over minutes (needs matplotlib, not a dependency), with --real-grid
+saves 64 real test images as a grid.
+Each run writes points.jsonl into its --out folder.
 """
 
 from __future__ import annotations
@@ -146,11 +149,35 @@ def table(a) -> None:
     print(f"floor (first {N} training images vs {cfg.eval.reference or cfg.data.shards}): {floor}")
     print("| who | minutes | step | FID | x floor | precision | recall |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    curves = {}
     for folder in a.runs:
         for line in (Path(folder) / "points.jsonl").read_text().splitlines():
             p = json.loads(line)
+            curves.setdefault(folder, []).append((p["minutes"], p["fid"] / floor["fid"]))
             print(f"| {folder} | {p['minutes']:.1f} | {p.get('step', '')} | {p['fid']:.4f} | "
                   f"{p['fid'] / floor['fid']:.1f} | {p['precision']:.3f} | {p['recall']:.3f} |")
+    if a.real_grid:
+        from torchvision.utils import save_image
+
+        test = np.stack([x for x, _ in itertools.islice(read_shards(cfg.eval.reference or cfg.data.shards), 64)])
+        save_image(torch.from_numpy(test).permute(0, 3, 1, 2).float() / 255, a.real_grid, nrow=8, padding=2)
+    if a.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=100)
+        for (folder, pts), label in zip(curves.items(), a.labels or list(curves)):
+            ax.plot(*zip(*sorted(pts)), marker="o", label=label)
+        ax.set_xlabel("minutes on 2 CPU cores")
+        ax.set_ylabel("FID / floor FID")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title("Fashion-MNIST, 10,000 generated vs the 10,000 test images", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(a.plot)
 
 
 def main() -> None:
@@ -162,6 +189,9 @@ def main() -> None:
         s.add_argument("--set", action="append", default=[])
         if name == "table":
             s.add_argument("runs", nargs="+")
+            s.add_argument("--labels", nargs="+", help="one per run, for the plot")
+            s.add_argument("--plot", type=Path)
+            s.add_argument("--real-grid", type=Path)
             continue
         s.add_argument("--minutes", type=float, nargs="+", required=True)
         s.add_argument("--out", type=Path, required=True)

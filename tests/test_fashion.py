@@ -226,9 +226,11 @@ def test_a_download_that_fails_its_checksum_is_refused_and_not_kept(tmp_path, cl
 
 
 # ----------------------------------------------------------------------------------------------------- protocol
-def test_the_protocol_places_the_floor_below_one_class_below_shuffled_pixels(fashion, tmp_path):
-    """Real training images against the test split (the floor), one class only, and shuffled pixels: the FIDs in
-    that order by wide margins, precision/recall high only for the floor; every output names the features."""
+def test_the_protocol_tells_the_floor_one_class_and_shuffled_pixels_apart(fashion, tmp_path):
+    """Real training images against the test split (the floor), the test split's sneakers only, and shuffled
+    pixels. In these class-trained features one class reads as far as shuffled pixels by FID (both > 100x the
+    floor: measured 29.8 and 25.8 against 0.031); precision and recall tell them apart: a real class lies on the
+    real manifold but covers a fifth of it, shuffled pixels lie nowhere near it. Every output names the features."""
     root, cfg = fashion
     rows = {}
     for name, args in (("floor", [root / "train"]), ("one class", [root / "sneakers"]),
@@ -239,10 +241,11 @@ def test_the_protocol_places_the_floor_below_one_class_below_shuffled_pixels(fas
         assert "features: a classifier trained on" in p.stdout and "not Inception" in p.stdout
         assert rows[name]["reference"] == str(root / "test") and rows[name]["n_real"] == 10000
     floor, one, shuffled = rows["floor"], rows["one class"], rows["shuffled"]
-    assert floor["n_fake"] == one["n_fake"] == 1000
-    assert 10 * floor["fid"] < one["fid"] and 3 * one["fid"] < shuffled["fid"], rows
-    assert floor["precision"] > 0.8 and floor["recall"] > 0.8
-    assert one["recall"] < 0.3 and shuffled["precision"] < 0.05
+    assert floor["n_fake"] == one["n_fake"] == shuffled["n_fake"] == 1000
+    assert 100 * floor["fid"] < min(one["fid"], shuffled["fid"]), rows
+    assert floor["precision"] > 0.85 and floor["recall"] > 0.85, floor
+    assert one["precision"] > 0.9 and one["recall"] < 0.3, one
+    assert shuffled["precision"] < 0.1 and shuffled["recall"] < 0.05, shuffled
     assert one["class_fractions"][7] > 0.8                      # the classifier sees sneakers
 
 
