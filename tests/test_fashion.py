@@ -269,3 +269,22 @@ def test_two_processes_on_the_real_shards_resume_exactly(fashion, tmp_path):
     fids = [[(r["step"], r["fid"], r["precision"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text()
                                                                  .splitlines()) if "fid" in r] for run_dir in (once, twice)]
     assert fids[0] == fids[1] and [s for s, *_ in fids[0]] == [12, 24]
+
+
+def test_images_from_a_npy_file_measure_as_the_same_images_from_shards(fashion, tmp_path):
+    """Another program's samples come as .npy: the first 500 training images saved so give exactly the figures of
+    the same images read from the shards; a file of the wrong shape or dtype is one line, exit 2."""
+    root, cfg = fashion
+    x, _, _ = shard_arrays(root / "train")
+    np.save(tmp_path / "samples.npy", x[:500])
+    results = []
+    for images in (root / "train", tmp_path / "samples.npy"):
+        run_cli("evaluate.py", "--config", cfg, "--n", 500, "--images", images, "--json", tmp_path / "r.json")
+        r = json.loads((tmp_path / "r.json").read_text())
+        results.append({k: r[k] for k in ("fid", "kid", "precision", "recall", "n_fake")})
+    assert results[0] == results[1] and results[0]["n_fake"] == 500
+    for bad in (x[:10, :28, :28], x[:10].astype(np.float32)):
+        np.save(tmp_path / "bad.npy", bad)
+        p = run_cli("evaluate.py", "--config", cfg, "--images", tmp_path / "bad.npy", check=False)
+        assert p.returncode == 2 and p.stderr.strip().splitlines() == [p.stderr.strip()], p.stderr
+        assert "expected uint8 N x 32 x 32 x 1" in p.stderr
