@@ -65,12 +65,13 @@ def ours(a) -> None:
     cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", str(ROOT / "launch/train.py"),
            "--config", str(a.config), *[x for s in sets for x in ("--set", s)]]
     t0 = time.time()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(a.out / "train.log", "w"), stderr=subprocess.STDOUT)
-    try:
-        proc.wait(timeout=a.minutes[-1] * 60)
-    except subprocess.TimeoutExpired:
-        (run_dir / "STOP").touch()          # every rank stops at one step, after a checkpoint
-        proc.wait()
+    with open(a.out / "train.log", "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=a.minutes[-1] * 60)
+        except subprocess.TimeoutExpired:
+            (run_dir / "STOP").touch()          # every rank stops at one step, after a checkpoint
+            proc.wait()
     print(f"training ended (exit {proc.returncode}) after {(time.time() - t0) / 60:.1f} min", flush=True)
     cfg, _, ev = evaluator(a.config, a.set)
     with open(a.out / "points.jsonl", "w") as f:
@@ -97,7 +98,7 @@ def textbook(a) -> None:
             with gzip.open(source / f"{stem}.gz") as src, open(raw / stem, "wb") as dst:
                 shutil.copyfileobj(src, dst)
     marks = sorted(a.minutes)
-    t0, paused, points = time.time(), 0.0, []
+    t0, paused = time.time(), 0.0
 
     def snapshot(signum, frame):
         nonlocal paused
@@ -116,7 +117,6 @@ def textbook(a) -> None:
         x = torch.cat(images)
         np.save(a.out / f"samples_{minutes:.0f}min.npy", x.permute(0, 2, 3, 1).numpy())
         point = {"who": "textbook", "examples": str(a.examples), "minutes": minutes, **measures(ev.images(x))}
-        points.append(point)
         print(point, flush=True)
         with open(a.out / "points.jsonl", "a") as f:
             print(json.dumps(point), file=f)
