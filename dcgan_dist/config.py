@@ -82,8 +82,6 @@ class TrainConfig:
     precision: str = "auto"              # auto | fp32 | bf16 | fp16 (loss-scaled); wins over accelerate's flag.
                                          # auto: bf16 on a GPU with bf16 units (compute capability 8.0+), fp16
                                          # on older GPUs, fp32 on a CPU (where autocast is far slower)
-    precision_resolved: str = ""         # set by the trainer: the precision the run uses (what auto became on
-                                         # its device); written to config.toml and W&B; a value given is replaced
     fp16_init_scale: float = 65536.0     # initial loss scale of each network's GradScaler
     channels_last: bool = True
     compile: bool = False                # torch.compile G and D
@@ -158,7 +156,6 @@ class Config:
 CHOICES = {
     "data.resolution": (32, 64, 128), "data.channels": (1, 3), "data.verify": ("size", "sha256", "none"),
     "loss.kind": ("bce", "hinge", "lsgan"), "train.precision": ("auto", "fp32", "bf16", "fp16"),
-    "train.precision_resolved": ("", "fp32", "bf16", "fp16"),
     "log.wandb": ("online", "offline", "disabled", "auto"), "eval.features": ("auto", "inception", "classifier"),
 }
 TRACKERS = ("wandb", "tensorboard")
@@ -186,6 +183,9 @@ def _all_keys(cls=Config, prefix="") -> dict[str, type]:
 
 
 KEYS = _all_keys()
+# Keys that older versions wrote into config.toml, read and ignored (train.precision_resolved: the resolved
+# precision now lives in the checkpoint's train_state.json).
+LEGACY = {"train.precision_resolved"}
 
 
 def _set(cfg: Config, key: str, value: Any, where: str) -> None:
@@ -243,7 +243,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"{path}: invalid TOML ({e})") from None
         for key, value in flatten(data).items():
-            _set(cfg, key, value, str(path))
+            if key not in LEGACY:
+                _set(cfg, key, value, str(path))
     for item in overrides:
         if "=" not in item:
             raise UserError(f"--set {item!r}: expected section.key=value, e.g. train.batch_size=64")

@@ -153,6 +153,23 @@ def injected_fault(rank: int) -> tuple[str, int] | None:
     return None
 
 
+def fault_injector(rank: int):
+    """``inject(real, step) -> real`` for the training loop: what DCGAN_DIST_FAULT asks of step ``step`` on this
+    rank (a NaN batch, a raise, a slow step), or the batch unchanged."""
+    fault = injected_fault(rank)
+
+    def inject(real, step: int):
+        if fault == ("nan", step):
+            return real * float("nan")
+        if fault == ("raise", step):
+            raise RuntimeError(f"injected failure at step {step} (DCGAN_DIST_FAULT)")
+        if fault and fault[0] == "slow":
+            import time
+            time.sleep(fault[1] / 1000)
+        return real
+    return inject
+
+
 def setup_logging() -> None:
     """INFO lines as "LEVEL logger: message", for the entry points and the loader's workers; accelerate's own
     INFO lines (~84 in the demo) only when ACCELERATE_LOG_LEVEL asks for them. A no-op where logging is set up."""

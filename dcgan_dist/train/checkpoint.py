@@ -51,13 +51,14 @@ class TrainState:
         self.world_size = 1
         self.data = ""                # fingerprint of the shard set (shards.fingerprint)
         self.data_order = 1           # the loader's epoch plan (loader.DATA_ORDER); 1 in checkpoints from before it
+        self.precision = ""           # train.precision as the run resolved it ("" in checkpoints from before it)
         self.best_fid = float("inf")  # the lowest FID measured so far (eval.every), and its step
         self.best_step = 0
 
     def to_json(self) -> dict:
         return {"step": self.step, "loader_batches": self.loader_batches, "skipped_d": int(self.skipped_d),
                 "skipped_g": int(self.skipped_g), "wandb_id": self.wandb_id, "world_size": self.world_size,
-                "data": self.data, "data_order": self.data_order,
+                "data": self.data, "data_order": self.data_order, "precision": self.precision,
                 "best_fid": self.best_fid if self.best_step else None, "best_step": self.best_step}
 
     def load_json(self, d: dict) -> None:
@@ -66,6 +67,7 @@ class TrainState:
         self.wandb_id = str(d["wandb_id"])
         self.world_size, self.data = int(d.get("world_size", 0)), str(d.get("data", ""))
         self.data_order = int(d.get("data_order", 1))
+        self.precision = str(d.get("precision", ""))
         self.best_step = int(d.get("best_step") or 0)
         self.best_fid = float(d["best_fid"]) if self.best_step else float("inf")
 
@@ -223,6 +225,19 @@ def resume(resume: str, root: Path, acc, nets, state: TrainState) -> Path | None
         raise UserError(f"none of the {len(candidates)} checkpoints in {root} could be loaded (see the warnings); "
                         f"move them away or set checkpoint.resume = \"never\" to start over")
     return None
+
+
+def planned_loader_batches(resume: str, root: Path) -> int:
+    """The loader position (``loader_batches``) of the checkpoint that :func:`resume` tries first, 0 for none:
+    read before the process group exists, so that the loader can fork its workers first (train/loop.py). When
+    that checkpoint turns out damaged, resume() loads an older one and the trainer restarts the loader there."""
+    if resume == "never":
+        return 0
+    candidates = [Path(resume)] if resume != "auto" else complete_checkpoints(root)
+    try:
+        return int(json.loads((candidates[-1] / STATE_FILE).read_text())["loader_batches"]) if candidates else 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def remove_partial(root: Path) -> None:

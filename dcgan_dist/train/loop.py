@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import shlex
@@ -23,13 +22,13 @@ from tqdm import tqdm
 
 from ..config import Config, flatten, to_toml
 from ..data import ShardLoader, to_device
-from ..data.loader import DATA_ORDER, worker_context
+from ..data.loader import DATA_ORDER
 from ..data.shards import fingerprint
 from ..data.store import set_limits
 from ..errors import TrainingDiverged, UserError
 from ..eval import Dist, Evaluator
 from ..rng import isolated_rng
-from ..runtime import STOP, LauncherGone, StopRequest, injected_fault, new_accelerator
+from ..runtime import STOP, LauncherGone, StopRequest, fault_injector, new_accelerator
 from ..models import build_models, count_parameters
 from . import checkpoint
 from .checkpoint import TrainState
@@ -52,8 +51,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if torch.version.hip or torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
 
 
-def _precision_line(cfg: Config, device: torch.device) -> str:
-    return f"precision: {cfg.train.precision_resolved} (train.precision = {cfg.train.precision!r} on {device.type})"
+def _precision_line(cfg: Config, precision: str, device: torch.device) -> str:
+    return f"precision: {precision} (train.precision = {cfg.train.precision!r} on {device.type})"
 
 
 def _device() -> torch.device:
@@ -67,8 +66,7 @@ def describe(cfg: Config) -> Iterator[str]:
     """What --dry-run prints, in two parts: the resolved config (always), then the data summary, parameter counts
     and trackers, whose checks may raise a UserError (so the config is shown before a data error)."""
     device = _device()
-    cfg.train.precision_resolved = resolve_precision(cfg.train.precision, device)
-    yield f"{to_toml(cfg)}\n# {_precision_line(cfg, device)}\n"
+    yield f"{to_toml(cfg)}\n# {_precision_line(cfg, resolve_precision(cfg.train.precision, device), device)}\n"
     m = preflight(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     g, d = build_models(cfg)
     wandb = run_wandb_mode(cfg.log)                  # once: it may wait for W&B to answer
@@ -99,8 +97,9 @@ def _buffer_sync(net: torch.nn.Module, on: bool) -> None:
         setattr(net, "forward_sync_buffers" if hasattr(net, "forward_sync_buffers") else "broadcast_buffers", on)
 
 
-def build(acc: Accelerator, cfg: Config) -> Nets:
-    """G, D, their optimizers (prepared by Accelerate) and loss scalers; identical weights on every rank."""
+def build(acc: Accelerator, cfg: Config, precision: str | None = None) -> Nets:
+    """G, D, their optimizers (prepared by Accelerate) and loss scalers; identical weights on every rank.
+    ``precision``: what the steps run in (default: train.precision resolved on the accelerator's device)."""
     set_seed(cfg.train.seed)
     G, D = build_models(cfg)
     if cfg.model.sync_bn and acc.num_processes > 1 and acc.device.type == "cuda":
@@ -118,9 +117,9 @@ def build(acc: Accelerator, cfg: Config) -> Nets:
     ema = EMA(acc.unwrap_model(G), cfg.model.ema_kimg, cfg.model.ema_rampup) if cfg.model.ema else None
     if cfg.train.compile:
         G, D = torch.compile(G), torch.compile(D)
-    precision = resolve_precision(cfg.train.precision, acc.device)
+    precision = precision or resolve_precision(cfg.train.precision, acc.device)
     scaler_g, scaler_d = make_scalers(precision, acc.device.type, cfg.train.fp16_init_scale)
-    return Nets(G, D, opt_g, opt_d, scaler_g, scaler_d, ema)
+    return Nets(G, D, opt_g, opt_d, scaler_g, scaler_d, ema, precision)
 
 
 def train(cfg: Config) -> dict:
@@ -145,31 +144,32 @@ def train(cfg: Config) -> dict:
 
 
 def _train(cfg: Config, stop: StopRequest) -> dict:
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     set_limits(cfg.data.timeout_s, cfg.data.deadline_s)       # every remote read of this run is bounded
     manifest = preflight(cfg, world)
-    if cfg.data.workers:
-        worker_context(cfg.data.workers)              # the workers' fork server starts importing now
-    main = int(os.environ.get("RANK", 0)) == 0
-    check_trackers(cfg.log)
-    wandb = run_wandb_mode(cfg.log, main)            # may wait PROBE_TIMEOUT_S for W&B to answer
-    lock, lock_error = None, None
-    if main:
-        try:
-            lock = RunLock(cfg.run_dir)
-        except UserError as e:
-            lock_error = str(e)
-    loader = None
+    loader = lock = None
     try:
+        # First, while this process has no thread of ours, the process group's or W&B's: the loader forks its
+        # workers now (see data/loader.py), at the position of the checkpoint that _resume will load.
+        planned = checkpoint.planned_loader_batches(cfg.checkpoint.resume, cfg.run_dir / "checkpoints")
+        loader = _loader(cfg, manifest, rank, world, planned, stop).start()
+        check_trackers(cfg.log)
+        wandb = run_wandb_mode(cfg.log, rank == 0)            # may wait PROBE_TIMEOUT_S for W&B to answer
+        lock_error = None
+        if rank == 0:
+            try:
+                lock = RunLock(cfg.run_dir)
+            except UserError as e:
+                lock_error = str(e)
         acc = _accelerator(cfg, wandb)
         _raise_everywhere(acc, lock_error)
-        cfg.train.precision_resolved = resolve_precision(cfg.train.precision, acc.device)
+        precision = resolve_precision(cfg.train.precision, acc.device)
         if acc.is_main_process:
-            log.info(_precision_line(cfg, acc.device))
-        _warn_precision(acc, cfg)
+            log.info(_precision_line(cfg, precision, acc.device))
+        _warn_precision(acc, cfg, precision)
         if acc.is_main_process:
             _prepare_run_dir(cfg)
-        nets = build(acc, cfg)
+        nets = build(acc, cfg, precision)
         state = _resume(acc, nets, cfg, manifest)
         if state.step >= cfg.train.max_steps:            # finished already: touch nothing, not W&B either
             acc.end_training()
@@ -177,12 +177,9 @@ def _train(cfg: Config, stop: StopRequest) -> dict:
         if (reason := _stop_requested(acc, stop)) is not None:     # before the evaluator's (long) caches
             acc.end_training()
             return _summary(acc, cfg, nets, state, reason, during_startup=True)
-        loader = ShardLoader(cfg.data.shards, cfg.train.batch_size, acc.process_index, acc.num_processes,
-                             cfg.data.workers, cfg.train.seed, cfg.data.shuffle_window, state.loader_batches,
-                             cfg.data.verify, cfg.data.resolution, cfg.data.channels,
-                             pin_memory=acc.device.type == "cuda", manifest=manifest,
-                             cache_dir=cfg.data.cache_dir, cache_gb=cfg.data.cache_gb, stop=stop.reason,
-                             batch_timeout_s=cfg.data.batch_timeout_s)
+        if state.loader_batches != loader.batches:     # the planned checkpoint was damaged: an older one loaded
+            loader.close()
+            loader = _loader(cfg, manifest, rank, world, state.loader_batches, stop)
         evaluator = Evaluator(cfg.eval, cfg.data.shards, manifest, Dist.from_accelerator(acc)) \
             if cfg.eval.every else None
         if evaluator is not None and acc.is_main_process:
@@ -197,6 +194,13 @@ def _train(cfg: Config, stop: StopRequest) -> dict:
             loader.close()
         if lock is not None:
             lock.release()
+
+
+def _loader(cfg: Config, manifest: dict, rank: int, world: int, start_batch: int, stop: StopRequest) -> ShardLoader:
+    return ShardLoader(cfg.data.shards, cfg.train.batch_size, rank, world, cfg.data.workers, cfg.train.seed,
+                       cfg.data.shuffle_window, start_batch, cfg.data.verify, cfg.data.resolution, cfg.data.channels,
+                       pin_memory=torch.cuda.is_available(), manifest=manifest, cache_dir=cfg.data.cache_dir,
+                       cache_gb=cfg.data.cache_gb, stop=stop.reason, batch_timeout_s=cfg.data.batch_timeout_s)
 
 
 def _raise_everywhere(acc: Accelerator, error: str | None) -> None:
@@ -246,8 +250,8 @@ def _stop_requested(acc: Accelerator, stop: StopRequest) -> str | None:
     return _agree(acc, stop)[1]
 
 
-def _warn_precision(acc: Accelerator, cfg: Config) -> None:
-    launcher_precision, precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no"), cfg.train.precision_resolved
+def _warn_precision(acc: Accelerator, cfg: Config, precision: str) -> None:
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if acc.is_main_process and launcher_precision not in ("no", precision):
         log.warning("accelerate launch asked for mixed_precision=%s; the config's train.precision=%s wins",
                     launcher_precision, precision)
@@ -281,8 +285,9 @@ def _resume(acc: Accelerator, nets: Nets, cfg: Config, manifest: dict) -> TrainS
     else:
         saved = flatten(tomllib.loads((resumed / "config.toml").read_text()))
         saved.update(world_size=state.world_size or now_world, data=state.data or now_data,
-                     data_order=state.data_order)
-        now = {**flatten(cfg.to_dict()), "world_size": now_world, "data": now_data, "data_order": DATA_ORDER}
+                     data_order=state.data_order, precision=state.precision)
+        now = {**flatten(cfg.to_dict()), "world_size": now_world, "data": now_data, "data_order": DATA_ORDER,
+               "precision": nets.precision}
         safe, breaking = compare(saved, now)
         if breaking and not cfg.checkpoint.allow_changes:
             raise UserError(f"resuming {resumed} with changes that break an exact continuation: "
@@ -303,7 +308,7 @@ def _resume(acc: Accelerator, nets: Nets, cfg: Config, manifest: dict) -> TrainS
                 log.warning("resumed from step %d, older than the newest checkpoint: the newer checkpoints, "
                             "their grids and the metrics history were moved to %s", state.step, moved)
         acc.wait_for_everyone()
-    state.world_size, state.data, state.data_order = now_world, now_data, DATA_ORDER
+    state.world_size, state.data, state.data_order, state.precision = now_world, now_data, DATA_ORDER, nets.precision
     return state
 
 
@@ -324,11 +329,9 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
     t_last, steps_since = time.perf_counter(), 0
     unwrapped_g = acc.unwrap_model(nets.G)
     images_per_step = cfg.train.batch_size * acc.num_processes
-    fault = injected_fault(acc.process_index)
+    inject = fault_injector(acc.process_index)     # tests: DCGAN_DIST_FAULT, else nothing
     batches = iter(loader)
     timing: dict[str, float] = {}        # seconds of the last grid and checkpoint, logged with the next row
-    step_cfg = copy.deepcopy(cfg)                    # step.py autocasts to train.precision: the resolved one
-    step_cfg.train.precision = cfg.train.precision_resolved
     stopped_by = None
     last = state.step >= cfg.train.max_steps
     while not last:
@@ -337,15 +340,10 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
         _set_lr(nets, cfg, state.step)
         for _ in range(cfg.loss.d_steps - 1):
             state.skipped_d += d_only_step(acc, nets, to_device(next(batches)[0], acc.device, cfg.train.channels_last),
-                                           step_cfg, noise_std)
+                                           cfg, noise_std)
         real = to_device(next(batches)[0], acc.device, cfg.train.channels_last)
-        if fault == ("nan", state.step + 1):
-            real = real * float("nan")
-        if fault == ("raise", state.step + 1):
-            raise RuntimeError(f"injected failure at step {state.step + 1} (DCGAN_DIST_FAULT)")
-        if fault and fault[0] == "slow":
-            time.sleep(fault[1] / 1000)
-        out = gan_step(acc, nets, real, step_cfg, noise_std)
+        real = inject(real, state.step + 1)
+        out = gan_step(acc, nets, real, cfg, noise_std)
         state.step += 1
         if stop.orphaned():         # no agreement is possible without the launcher (it holds the rendezvous)
             raise LauncherGone(f"rank {acc.process_index}: the launcher (pid {stop.parent}) is gone; stopped after "
@@ -483,6 +481,6 @@ def _scalars(acc, nets: Nets, state: TrainState, loader: ShardLoader, sums: dict
     return {"step": state.step, "epoch": loader.epoch, **dict(zip(sorted(sums), means.tolist())),
             "scale_d": nets.scaler_d.get_scale(), "scale_g": nets.scaler_g.get_scale(),
             "skipped_d": int(state.skipped_d), "skipped_g": int(state.skipped_g),
-            "images_per_s": steps * loader.stream.B * acc.num_processes / elapsed, "s_per_step": elapsed / steps,
+            "images_per_s": steps * loader.batch_size * acc.num_processes / elapsed, "s_per_step": elapsed / steps,
             "instance_noise": noise_std, "corrupt_chunks": corrupt,
             **({"gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30} if acc.device.type == "cuda" else {})}

@@ -131,9 +131,11 @@ def compare(saved: dict, now: dict) -> tuple[list[str], list[str]]:
 
 
 def _as_run(flat: dict) -> dict:
-    """The precision compared is the one the run used: "auto" that became fp32 equals an explicit fp32."""
+    """The precision compared is the one the run used (``precision``: the checkpoint's train_state, or
+    ``train.precision_resolved`` in an older config.toml): "auto" that became fp32 equals an explicit fp32."""
     flat = dict(flat)
-    resolved = flat.pop("train.precision_resolved", "")
+    resolved = flat.pop("precision", "") or flat.pop("train.precision_resolved", "")
+    flat.pop("train.precision_resolved", None)
     if resolved:
         flat["train.precision"] = resolved
     return flat

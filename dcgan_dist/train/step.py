@@ -24,6 +24,7 @@ class Nets:
     scaler_g: torch.amp.GradScaler
     scaler_d: torch.amp.GradScaler
     ema: EMA | None = None               # G_ema (model.ema), outside DDP
+    precision: str = "fp32"              # what the step autocasts to: train.precision resolved (loop.resolve_precision)
 
 
 def make_scalers(precision: str, device_type: str, init_scale: float):
@@ -124,7 +125,7 @@ def gan_step(acc, nets: Nets, real: torch.Tensor, cfg, noise_std: float) -> dict
     """D update on (real, G(z)), then G update through D. ``real``: B x C x H x W float in [-1, 1] on the
     device. Returns 0-dim tensors on the device (losses, mean D(x) and D(G(z)), skip flags): nothing in the
     step reads a value back to the host; the caller does that at its sync points."""
-    dev, prec, kind = real.device, cfg.train.precision, cfg.loss.kind
+    dev, prec, kind = real.device, nets.precision, cfg.loss.kind
     n = real.shape[0]
     z = torch.randn(n, cfg.model.latent, device=dev)
 
@@ -154,7 +155,7 @@ def gan_step(acc, nets: Nets, real: torch.Tensor, cfg, noise_std: float) -> dict
 def d_only_step(acc, nets: Nets, real: torch.Tensor, cfg, noise_std: float) -> torch.Tensor:
     """An extra D update (loss.d_steps > 1): fakes from G without a graph. Returns a 0-dim bool tensor, True
     when fp16 skipped it (inf/NaN gradients), to be counted in skipped_d like the GAN step's D update."""
-    dev, prec = real.device, cfg.train.precision
+    dev, prec = real.device, nets.precision
     z = torch.randn(real.shape[0], cfg.model.latent, device=dev)
     with autocast(prec, dev.type):
         with torch.no_grad():

@@ -138,7 +138,9 @@ def start_trackers(acc, cfg, state, wandb: str) -> "Trackers":
                         f'log.wandb = "offline" (upload later with wandb sync) or "disabled"') from None
     if acc.is_main_process:
         if "wandb" in names:
-            acc.get_tracker("wandb").store_init_configuration(cfg.to_dict())
+            config = cfg.to_dict()
+            config["train"]["precision_resolved"] = state.precision        # what "auto" became on this device
+            acc.get_tracker("wandb").store_init_configuration(config)
         if "tensorboard" in names:     # TensorBoard's hparams take flat scalars
             acc.get_tracker("tensorboard").store_init_configuration(
                 {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flatten(cfg.to_dict()).items()})
