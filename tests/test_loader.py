@@ -398,7 +398,7 @@ def test_npy_view_reads_what_numpy_wrote_without_copying(array):
 
 
 def test_window_shuffle_is_concatenate_then_permute():
-    from dcgan_dist.data.loader import _shuffle_into
+    from dcgan_dist.data.windows import _shuffle_into
     rng = np.random.default_rng(0)
     pieces = [(rng.integers(0, 256, (n, 2, 2, 3), dtype=np.uint8), rng.integers(0, 10, n)) for n in (5, 16, 1, 9)]
     x, y = np.empty((31, 2, 2, 3), dtype=np.uint8), np.empty(31, dtype=np.int64)
@@ -476,8 +476,8 @@ def test_a_read_that_never_returns_is_an_error_after_batch_timeout_s_never_a_han
     system) ends the wait for the batch after batch_timeout_s, naming this process."""
     import threading
     from dcgan_dist.config import load_config
-    from dcgan_dist.data import loader as loader_module
-    monkeypatch.setattr(loader_module, "read_chunk", lambda *a, **k: threading.Event().wait())
+    from dcgan_dist.data import windows
+    monkeypatch.setattr(windows, "read_chunk", lambda *a, **k: threading.Event().wait())
     loader = ShardLoader(load_config(tiny).data.shards, batch_size=16, num_workers=0, batch_timeout_s=1)
     try:
         with pytest.raises(UserError) as e:
