@@ -31,6 +31,9 @@ from pathlib import Path
 
 import torch
 
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+sys.path.insert(1, str(TESTS))          # tests/synthetic.py: generated data in the public formats
+
 
 def bench_loader(shards: Path, batch_size: int, batches: int, workers: int, verify: str = "size") -> float:
     from dcgan_dist.data import ShardLoader
@@ -76,7 +79,7 @@ def cmd_data(a) -> None:
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, batch {a.batch_size}, {a.batches} batches timed")
     if a.random_images:
-        from dcgan_dist.data.synthetic import write_indexed_shards
+        from synthetic import write_indexed_shards
         with tempfile.TemporaryDirectory() as tmp:
             write_indexed_shards(Path(tmp), a.random_images, resolution=a.resolution, shard_size=8192,
                                  chunk_size=256)
@@ -87,7 +90,7 @@ def cmd_data(a) -> None:
         return
     from dcgan_dist.data.prepare import PrepareOptions, prepare
     from dcgan_dist.data.sources import LsunSource
-    from dcgan_dist.data.synthetic import write_lsun
+    from synthetic import write_lsun
 
     with tempfile.TemporaryDirectory() as tmp:
         lmdb_path = Path(tmp) / "bedroom_train_lmdb"
@@ -107,7 +110,8 @@ def cmd_data(a) -> None:
 SERVER = """
 import sys, time
 from pathlib import Path
-from dcgan_dist.data.synthetic import serve_http
+sys.path.insert(0, sys.argv[3])
+from synthetic import serve_http
 url, server = serve_http(Path(sys.argv[1]), latency=float(sys.argv[2]))
 print(url, flush=True)
 sys.stdin.read()                                   # until the benchmark closes the pipe
@@ -130,7 +134,7 @@ def _report_http(shards: Path, a) -> None:
     import subprocess
 
     for ms in sorted({0, a.http}):
-        server = subprocess.Popen([sys.executable, "-c", SERVER, str(shards), str(ms / 1000)], text=True,
+        server = subprocess.Popen([sys.executable, "-c", SERVER, str(shards), str(ms / 1000), str(TESTS)], text=True,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         try:
             rate = bench_loader(server.stdout.readline().strip(), a.batch_size, a.batches, workers=1)
@@ -223,7 +227,7 @@ def cmd_train(a) -> None:
 
     from dcgan_dist.config import load_config
     from dcgan_dist.data import ShardLoader, to_device
-    from dcgan_dist.data.synthetic import write_indexed_shards
+    from synthetic import write_indexed_shards
     from dcgan_dist.models import build_models
     from dcgan_dist.runtime import new_accelerator
     from dcgan_dist.train import step as step_mod
@@ -350,7 +354,7 @@ def cmd_checkpoint(a) -> None:
 def cmd_eval(a) -> None:
     """Seconds per 1,000 images of an evaluation: the default 64-px G generating, and each extractor
     (Inception-v3 with random weights of the real architecture: its cost is the real one)."""
-    from dcgan_dist.data.synthetic import write_random_inception
+    from synthetic import write_random_inception
     from dcgan_dist.eval.features import DigitClassifier, InceptionFeatures
     from dcgan_dist.models import Generator
 

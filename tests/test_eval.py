@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from conftest import accelerate_launch, run_cli, ROOT
 from dcgan_dist.config import load_config
-from dcgan_dist.data.synthetic import write_indexed_shards, write_random_inception
+from synthetic import write_indexed_shards, write_random_inception
 from dcgan_dist.errors import UserError
 from dcgan_dist.eval import Dist
 from dcgan_dist.eval.features import DigitClassifier, InceptionFeatures

@@ -21,7 +21,7 @@ from conftest import ROOT, accelerate_launch, run_cli
 from dcgan_dist.data import read_shards
 from dcgan_dist.data.prepare import PrepareOptions, prepare
 from dcgan_dist.data.sources import FashionMnistSource, open_source
-from dcgan_dist.data.synthetic import write_mnist
+from synthetic import write_mnist
 
 DEBIAN = FashionMnistSource.default_input
 FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]

@@ -16,7 +16,7 @@ import conftest
 from conftest import ROOT
 from dcgan_dist.data import ShardLoader, load_manifest, to_device
 from dcgan_dist.data.shards import MANIFEST, read_shards, write_json_atomic
-from dcgan_dist.data.synthetic import image_index, write_indexed_shards
+from synthetic import image_index, write_indexed_shards
 from dcgan_dist.errors import UserError
 
 DIST = Path(__file__).parent / "dist" / "loader_ranks.py"

@@ -12,7 +12,7 @@ from dcgan_dist.data import load_manifest, read_shards
 from dcgan_dist.data.prepare import STATE, PrepareOptions, prepare
 from dcgan_dist.data.shards import sha256_file
 from dcgan_dist.data.sources import open_source
-from dcgan_dist.data.synthetic import CIFAR_CLASSES, write_cifar10, write_lsun, write_mnist
+from synthetic import CIFAR_CLASSES, write_cifar10, write_lsun, write_mnist
 from dcgan_dist.errors import UserError
 
 
@@ -386,7 +386,7 @@ def test_webdataset_source_refuses_pipes_and_missing_shards(tmp_path, cli, patte
 
 
 def test_webdataset_source_over_http_is_pixel_exact_retries_and_names_a_missing_shard(tmp_path, cli):
-    from dcgan_dist.data.synthetic import serve_http
+    from synthetic import serve_http
     pixels = _write_wds(tmp_path / "wds", n=10)
     url, server = serve_http(tmp_path / "wds", fail_first=2)          # the first two range requests get a 503
     try:

@@ -12,7 +12,7 @@ import pytest
 from conftest import free_port
 from dcgan_dist.data import ShardLoader, load_manifest
 from dcgan_dist.data.store import Store
-from dcgan_dist.data.synthetic import image_index, serve_http, write_indexed_shards
+from synthetic import image_index, serve_http, write_indexed_shards
 from dcgan_dist.errors import UserError
 
 SECRET = "s3cr3t-never-written-anywhere"

@@ -433,7 +433,7 @@ def test_config_changes_on_resume_safe_ones_applied_breaking_ones_refused(tiny, 
     other = tmp_path / "other"
     import shutil
     shutil.copytree(load_config(tiny).data.shards, other)
-    from dcgan_dist.data.synthetic import write_indexed_shards
+    from synthetic import write_indexed_shards
     write_indexed_shards(other, 1797, resolution=32, channels=1, shard_size=2048)
     with pytest.raises(UserError, match="data: the shard set differs"):
         train(load_config(tiny, base + ["train.max_steps=6", f'data.shards="{other}"']))

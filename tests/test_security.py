@@ -10,7 +10,7 @@ import pytest
 
 from dcgan_dist.data import ShardLoader, load_manifest, read_shards
 from dcgan_dist.data.shards import MANIFEST, sha256_file
-from dcgan_dist.data.synthetic import write_indexed_shards
+from synthetic import write_indexed_shards
 from dcgan_dist.errors import UserError
 
 

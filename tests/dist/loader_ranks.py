@@ -10,7 +10,9 @@ import torch.distributed as dist
 from accelerate import PartialState
 
 from dcgan_dist.data import ShardLoader
-from dcgan_dist.data.synthetic import image_index
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))   # tests/: synthetic.py
+from synthetic import image_index  # noqa: E402
 
 
 def main():   # guarded: the loader's workers start from a fork server, which imports __main__ (see loader.worker_context)

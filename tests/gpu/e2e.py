@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]          # tests/synthetic.py: the generated shards
 
-from dcgan_dist.data.synthetic import write_indexed_shards  # noqa: E402
+from synthetic import write_indexed_shards  # noqa: E402
 
 
 def main() -> int:

@@ -96,7 +96,7 @@ def write_indexed_shards(out: Path, n: int, resolution: int = 32, channels: int 
                          chunk_size: int = 16, seed: int = 0) -> dict:
     """Shards of random images whose label is their index and whose first row encodes it
     (``image_index``), for checking loader coverage and order. Returns the manifest."""
-    from .shards import FORMAT, MANIFEST, shard_name, write_json_atomic, write_shard
+    from dcgan_dist.data.shards import FORMAT, MANIFEST, shard_name, write_json_atomic, write_shard
 
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
