@@ -404,3 +404,21 @@ def test_webdataset_source_over_http_is_pixel_exact_retries_and_names_a_missing_
         server.shutdown()
     assert p.returncode == 2 and p.stderr.count("\n") == 1
     assert f"{url}/shards-000003.tar: no such shard" in p.stderr and not (tmp_path / "out2").exists()
+
+
+def test_atomic_write_leaves_the_old_file_whole_and_no_temporary_when_the_write_fails(tmp_path):
+    """The one helper behind every write-then-rename (shards, manifests, caches, metrics.jsonl, downloads)."""
+    import errno
+    import json
+
+    from dcgan_dist.atomic import atomic_write, write_json_atomic
+    path = tmp_path / "state.json"
+    write_json_atomic(path, {"step": 1})
+    with pytest.raises(OSError, match="No space"):
+        with atomic_write(path, unique=True) as tmp:
+            tmp.write_text('{"step": 2, "half')
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert json.loads(path.read_text()) == {"step": 1} and sorted(tmp_path.iterdir()) == [path]
+    with atomic_write(path, fsync=True) as tmp:
+        tmp.write_text('{"step": 3}')
+    assert json.loads(path.read_text()) == {"step": 3} and sorted(tmp_path.iterdir()) == [path]

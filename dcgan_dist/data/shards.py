@@ -24,7 +24,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import re
 import tarfile
 import zlib
@@ -33,6 +32,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ..atomic import atomic_write, write_json_atomic  # noqa: F401 - write_json_atomic: re-exported
 from ..errors import UserError
 from .store import Store
 
@@ -60,32 +60,30 @@ def write_shard(path: Path, chunks: list[tuple[str, np.ndarray, np.ndarray, list
     """Write ``[(key, images, labels, source_keys), ...]`` to ``path`` atomically; return its manifest entry."""
     import webdataset as wds
 
-    tmp = path.with_name(path.name + ".tmp")
-    # mtime fixed: the same input gives byte-identical shards and therefore the same sha256.
-    with wds.TarWriter(str(tmp), mtime=0) as sink:
-        for key, images, labels, keys in chunks:
-            sink.write({"__key__": key, "images.npy": images, "labels.npy": labels,
-                        "keys.json": json.dumps(keys)})
-    offsets = {}
-    with tarfile.open(tmp) as tar:
-        for m in tar.getmembers():
-            offsets[m.name] = [m.offset_data, m.size]
-    crcs = {}
-    with open(tmp, "rb") as f:
-        for key, *_ in chunks:
-            crcs[key] = chunk_crc32(_read_bytes(f, *offsets[f"{key}.images.npy"]),
-                                    _read_bytes(f, *offsets[f"{key}.labels.npy"]))
-    entry = {
-        "name": path.name,
-        "num_images": int(sum(len(c[1]) for c in chunks)),
-        "bytes": tmp.stat().st_size,
-        "sha256": sha256_file(tmp),
-        "chunks": [{"key": key, "n": len(images), "images": offsets[f"{key}.images.npy"],
-                    "labels": offsets[f"{key}.labels.npy"], "crc32": crcs[key]}
-                   for key, images, _, _ in chunks],
-    }
-    _fsync(tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, fsync=True) as tmp:
+        # mtime fixed: the same input gives byte-identical shards and therefore the same sha256.
+        with wds.TarWriter(str(tmp), mtime=0) as sink:
+            for key, images, labels, keys in chunks:
+                sink.write({"__key__": key, "images.npy": images, "labels.npy": labels,
+                            "keys.json": json.dumps(keys)})
+        offsets = {}
+        with tarfile.open(tmp) as tar:
+            for m in tar.getmembers():
+                offsets[m.name] = [m.offset_data, m.size]
+        crcs = {}
+        with open(tmp, "rb") as f:
+            for key, *_ in chunks:
+                crcs[key] = chunk_crc32(_read_bytes(f, *offsets[f"{key}.images.npy"]),
+                                        _read_bytes(f, *offsets[f"{key}.labels.npy"]))
+        entry = {
+            "name": path.name,
+            "num_images": int(sum(len(c[1]) for c in chunks)),
+            "bytes": tmp.stat().st_size,
+            "sha256": sha256_file(tmp),
+            "chunks": [{"key": key, "n": len(images), "images": offsets[f"{key}.images.npy"],
+                        "labels": offsets[f"{key}.labels.npy"], "crc32": crcs[key]}
+                       for key, images, _, _ in chunks],
+        }
     return entry
 
 
@@ -95,18 +93,6 @@ def fingerprint(manifest: dict) -> str:
     for shard in manifest["shards"]:
         h.update(shard["sha256"].encode())
     return h.hexdigest()[:16]
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def load_manifest(root, verify: str = "size", resolution: int | None = None,

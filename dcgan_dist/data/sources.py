@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import pickle
 import random
 import struct
@@ -20,6 +19,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
+from ..atomic import atomic_write
 from ..errors import UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -233,21 +233,18 @@ class IdxSource(ArraySource):
             if dest.is_file() and cls._sound(dest, md5):
                 continue
             url = (mirror or mirrors[0]).rstrip("/") + "/" + name
-            part = dest.with_name(dest.name + ".part")
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as r, open(part, "wb") as f:
-                    while block := r.read(1 << 20):
-                        f.write(block)
-            except Exception as e:  # noqa: BLE001 - URLError, HTTPError, timeouts, resets, a full disk
-                part.unlink(missing_ok=True)
-                raise UserError(f"downloading {url} failed ({type(e).__name__}: {e}); without internet, copy "
-                                f"the four files into {root} and drop --download") from None
-            if not cls._sound(part, md5):
-                got = hashlib.md5(part.read_bytes()).hexdigest()
-                part.unlink()
-                raise UserError(f"{url}: the download does not match the published checksum (md5 {got}, expected "
-                                f"{md5}); nothing was kept: try again or another --mirror")
-            os.replace(part, dest)
+            with atomic_write(dest, suffix=".part") as part:
+                try:
+                    with urllib.request.urlopen(url, timeout=timeout) as r, open(part, "wb") as f:
+                        while block := r.read(1 << 20):
+                            f.write(block)
+                except Exception as e:  # noqa: BLE001 - URLError, HTTPError, timeouts, resets, a full disk
+                    raise UserError(f"downloading {url} failed ({type(e).__name__}: {e}); without internet, copy "
+                                    f"the four files into {root} and drop --download") from None
+                if not cls._sound(part, md5):
+                    got = hashlib.md5(part.read_bytes()).hexdigest()
+                    raise UserError(f"{url}: the download does not match the published checksum (md5 {got}, "
+                                    f"expected {md5}); nothing was kept: try again or another --mirror")
         return root
 
     @classmethod

@@ -27,6 +27,7 @@ from collections import OrderedDict
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ..atomic import write_bytes_atomic
 from ..errors import UserError
 
 log = logging.getLogger("dcgan_dist")
@@ -82,12 +83,9 @@ class ChunkCache:
 
     def put(self, name: str, start: int, end: int, data: bytes) -> None:
         path = self._path(name, start, end)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
         try:
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            write_bytes_atomic(path, data, unique=True)
         except OSError as e:                                 # a full cache disk must not stop training
-            tmp.unlink(missing_ok=True)
             log.warning("shard cache %s: cannot write (%s); reading from the store", self.folder, e.strerror)
             return
         self._written += len(data)

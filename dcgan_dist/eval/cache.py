@@ -8,17 +8,16 @@ renamed, so a reader sees a complete old entry or a complete new one.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import struct
 import tempfile
 from pathlib import Path
 
 import torch
 
+from ..atomic import write_bytes_atomic
 from ..errors import UserError, disk_error
 
 log = logging.getLogger("dcgan_dist")
@@ -47,14 +46,10 @@ def save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str])
     plain = to_bytes(tensors, metadata=metadata)
     header, data = _split(plain)
     blob = to_bytes(tensors, metadata={**metadata, "sha256": _digest(header, data)})
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(blob)
-        os.replace(tmp, path)
+        write_bytes_atomic(path, blob, unique=True)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         err = disk_error(e, f"the evaluation cache file {path}", "free space or set eval.cache_dir to another folder")
         raise (err or UserError(f"eval.cache_dir: cannot write {path} ({e.strerror or e}); set eval.cache_dir "
                                 f"to a writable folder")) from None

@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 import torch
 from torchvision.utils import make_grid, save_image
 
+from ..atomic import write_bytes_atomic
 from ..errors import UserError, brief
 
 log = logging.getLogger("dcgan_dist")
@@ -213,9 +214,7 @@ class MetricsFile:
         self.path = path
         if path.exists():
             rows = [line for line in self._rows(path) if json.loads(line)["step"] <= keep_until]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(r + "\n" for r in rows))
-            os.replace(tmp, path)
+            write_bytes_atomic(path, "".join(r + "\n" for r in rows).encode())
 
     @staticmethod
     def _rows(path: Path) -> list[str]:
