@@ -270,11 +270,7 @@ def cmd_train(a) -> None:
         try:
             step = lambda: step_mod.gan_step(acc, nets, to_device(fixed, dev, cl), cfg, 0.0)  # noqa: E731
             if mode == "graph":
-                betas = (cfg.optim.beta1, cfg.optim.beta2)
-                nets.opt_g = torch.optim.Adam(nets.G.parameters(), lr=cfg.optim.lr_g, betas=betas, fused=cuda,
-                                              capturable=cuda)
-                nets.opt_d = torch.optim.Adam(nets.D.parameters(), lr=cfg.optim.lr_d, betas=betas, fused=cuda,
-                                              capturable=cuda)
+                nets.opt_g, nets.opt_d = step_mod.make_optimizers(nets.G, nets.D, cfg.optim, cuda, capturable=cuda)
                 if cuda:
                     step = step_mod.capture_step(step)
                 else:

@@ -34,7 +34,7 @@ from . import checkpoint
 from .checkpoint import TrainState
 from .rundir import RunLock, compare, preflight, roll_back
 from .ema import EMA
-from .step import Nets, d_only_step, gan_step, make_scalers, mean_bn_stats
+from .step import Nets, d_only_step, gan_step, make_optimizers, make_scalers, mean_bn_stats
 from .tracking import (MetricsFile, Trackers, check_trackers, run_wandb_mode, sample_grid, save_grid,
                        start_trackers, trackers, write_gif)
 
@@ -107,10 +107,7 @@ def build(acc: Accelerator, cfg: Config, precision: str | None = None) -> Nets:
         G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(G)
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     G, D = G.to(memory_format=fmt), D.to(memory_format=fmt)  # before prepare: DDP fixes bucket strides
-    betas = (cfg.optim.beta1, cfg.optim.beta2)
-    fused = acc.device.type == "cuda"        # one kernel per step, and fp16 skips without a host read (step._apply)
-    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_g, betas=betas, fused=fused)
-    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d, betas=betas, fused=fused)
+    opt_g, opt_d = make_optimizers(G, D, cfg.optim, cuda=acc.device.type == "cuda")
     G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)       # order fixed: checkpoint files by position
     for net in (G, D):
         _buffer_sync(net, cfg.train.broadcast_buffers)

@@ -27,6 +27,15 @@ class Nets:
     precision: str = "fp32"              # what the step autocasts to: train.precision resolved (loop.resolve_precision)
 
 
+def make_optimizers(G: torch.nn.Module, D: torch.nn.Module, optim, cuda: bool, capturable: bool = False):
+    """Adam for G and for D with ``optim``'s (OptimConfig) lr_g, lr_d and betas; on CUDA fused (one kernel per
+    step, and fp16 skips without a host read, see _apply). ``capturable``: its state on the device, as a CUDA
+    graph of the whole step needs (capture_step)."""
+    betas = (optim.beta1, optim.beta2)
+    return (torch.optim.Adam(G.parameters(), lr=optim.lr_g, betas=betas, fused=cuda, capturable=capturable),
+            torch.optim.Adam(D.parameters(), lr=optim.lr_d, betas=betas, fused=cuda, capturable=capturable))
+
+
 def make_scalers(precision: str, device_type: str, init_scale: float):
     """One GradScaler per network: with Accelerate's single shared scaler an overflow in D also
     halves G's scale. Disabled (a pass-through) for fp32 and bf16."""

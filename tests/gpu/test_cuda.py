@@ -96,13 +96,12 @@ def test_the_step_reads_no_value_back_to_the_host(tiny, tmp_path, precision):
 @pytest.mark.parametrize("channels_last, mode", [(True, "eager"), (False, "eager"), (True, "compile"),
                                                  (True, "graph")])
 def test_channels_last_compile_and_cuda_graph_steps_train(tiny, tmp_path, channels_last, mode):
-    from dcgan_dist.train.step import capture_step, gan_step
+    from dcgan_dist.train.step import capture_step, gan_step, make_optimizers
     acc, cfg, nets = nets_for(tiny, tmp_path, 'train.precision="bf16"', f"train.channels_last={str(channels_last).lower()}",
                               f"train.compile={str(mode == 'compile').lower()}")
     get = real_batch(cfg, channels_last)
     if mode == "graph":
-        nets.opt_g = torch.optim.Adam(nets.G.parameters(), lr=2e-4, betas=(0.5, 0.999), fused=True, capturable=True)
-        nets.opt_d = torch.optim.Adam(nets.D.parameters(), lr=2e-4, betas=(0.5, 0.999), fused=True, capturable=True)
+        nets.opt_g, nets.opt_d = make_optimizers(nets.G, nets.D, cfg.optim, cuda=True, capturable=True)
         static = get()
         out = {}
         replay = capture_step(lambda: out.update(gan_step(acc, nets, static, cfg, 0.0)))
