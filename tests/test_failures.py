@@ -4,41 +4,13 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
 import pytest
 
-from conftest import ROOT, free_port
-from test_resume import env, last_step, wait_for_step
+from conftest import SLOW, assert_stopped_after_checkpoint, env, last_step, run_cmd, tree, wait_for_step, wait_gone
 
-LAUNCH = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-          "--dynamo_backend", "no"]
-SLOW = ["train.max_steps=100000", "train.sync_every=1", "checkpoint.every=5", "log.every=1", "log.sample_every=1000",
-        "data.workers=1", "train.batch_size=32"]
-
-
-def run_cmd(config, *overrides, launcher="run"):
-    head = [sys.executable, str(ROOT / "launch" / "run.py")] if launcher == "run" else \
-        [sys.executable, "-m", "accelerate.commands.launch"]
-    return [*head, *LAUNCH, "--main_process_port", str(free_port()), str(ROOT / "launch" / "train.py"),
-            "--config", str(config), *[a for o in overrides for a in ("--set", o)]]
-
-
-def tree(pid: int) -> list[psutil.Process]:
-    try:
-        return [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def wait_gone(procs: list[psutil.Process], timeout: float = 60) -> float:
-    """Seconds until every process of ``procs`` has exited (fails after ``timeout``)."""
-    t0 = time.time()
-    gone, alive = psutil.wait_procs(procs, timeout=timeout)
-    assert not alive, f"still running after {timeout}s: {[p.pid for p in alive]}"
-    return time.time() - t0
 
 
 @pytest.mark.parametrize("fault, code, last_line", [
@@ -107,11 +79,8 @@ def test_ctrl_c_checkpoints_and_stops_every_rank_second_ctrl_c_stops_now(tiny, t
     wait_for_step(proc, run, 6)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    stopped = last_step(run)
     assert proc.returncode == 75, err[-2000:]
-    assert out.strip().splitlines()[-1] == (f"stopped by signal at step {stopped} after a checkpoint; run the same "
-                                            f"command again to continue")
-    assert (run / "checkpoints" / f"step_{stopped:08d}").is_dir()
+    stopped = assert_stopped_after_checkpoint(out, run)
     assert "Traceback" not in err
 
     proc = subprocess.Popen(run_cmd(tiny, f'runs_dir="{tmp_path}"', *SLOW), env=env(), text=True,

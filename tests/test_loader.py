@@ -182,7 +182,6 @@ def test_workers_outlive_stop_signals_from_others_and_end_on_their_trainers(tmp_
     """SLURM signals every process of a job: a worker that died of it would crash its trainer before the
     checkpoint. A worker ignores stop signals from anyone but its trainer; close() (the trainer's SIGTERM) ends
     it, batches keep coming meanwhile."""
-    import signal
 
     import psutil
     write_indexed_shards(tmp_path, 256, shard_size=64, chunk_size=16)

@@ -15,85 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, free_port
+from conftest import (ROOT, STEPS, assert_bitwise_equal, assert_stopped_after_checkpoint, env, evaluations,
+                      final_weights, last_step, launch_cmd, wait_for_step)
 from dcgan_dist.config import load_config
 from dcgan_dist.errors import UserError
 from dcgan_dist.train import train
 
 STANDINS = Path(__file__).parent / "slurm_standins"
-STEPS = 40
-# Slow enough to stop mid-run, one loader worker per rank (its position must survive too), and the demo's
-# settings (configs/digits.toml): G_ema, raw grids, FID/KID during training (with the `resumable` fixture's cache).
-RESUMABLE = [f"train.max_steps={STEPS}", "train.sync_every=1", "checkpoint.every=5", "log.every=1",
-             "log.sample_every=10", "data.workers=1", "train.batch_size=32", "model.ngf=16", "model.ndf=16",
-             "model.ema=true", "log.raw_grid=true", "eval.every=10", "eval.n=64", "eval.batch_size=32",
-             "eval.kid_subset_size=32", "eval.kid_subsets=2", "eval.native_resolution=8", "optim.decay_from=0.5"]
-
-
-@pytest.fixture(scope="session")
-def resumable(classifier_cache):
-    """RESUMABLE, evaluating with the session's digit classifier (not trained again by every run)."""
-    return [*RESUMABLE, f'eval.cache_dir="{classifier_cache}"']
-
-
-def launch_cmd(config, *overrides):
-    args = [a for o in overrides for a in ("--set", o)]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-            str(free_port()), str(ROOT / "launch" / "train.py"), "--config", str(config), *args]
-
-
-def env():
-    e = {**os.environ, "OMP_NUM_THREADS": "1"}
-    e.pop("CUDA_VISIBLE_DEVICES", None)
-    return e
-
-
-def final_weights(run: Path) -> dict:
-    ckpt = run / "checkpoints" / f"step_{STEPS:08d}"
-    weights = {**{f"G.{k}": v for k, v in load_file(ckpt / "model.safetensors").items()},
-               **{f"D.{k}": v for k, v in load_file(ckpt / "model_1.safetensors").items()},
-               **{f"G_ema.{k}": v for k, v in load_file(ckpt / "ema.safetensors").items()}}
-    assert {k.replace("G_ema.", "G.", 1) for k in weights if k.startswith("G_ema.")} == \
-        {k for k in weights if k.startswith("G.")}                       # G_ema: all of G's tensors
-    return weights
-
-
-def assert_bitwise_equal(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
-def evaluations(run: Path) -> list[tuple]:
-    """(step, FID, KID) of each evaluation row in metrics.jsonl."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["fid"], r["kid"]) for r in rows if "fid" in r]
-
-
-def last_step(run: Path) -> int:
-    try:
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-        return json.loads(lines[-1])["step"] if lines else 0
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
-
-
-def wait_for_step(proc, run: Path, step: int, timeout: float = 120):
-    t0 = time.time()
-    while last_step(run) < step:
-        assert proc.poll() is None, f"run ended before step {step}:\n{proc.communicate()[1][-3000:]}"
-        assert time.time() - t0 < timeout, "run too slow"
-        time.sleep(0.02)
-
-
-@pytest.fixture(scope="module")
-def reference(tiny, tmp_path_factory, resumable):
-    """The same run, never stopped."""
-    runs = tmp_path_factory.mktemp("ref")
-    subprocess.run(launch_cmd(tiny, f'runs_dir="{runs}"', *resumable), check=True, capture_output=True, env=env(),
-                   timeout=300)
-    return {"weights": final_weights(runs / "tiny"), "evals": evaluations(runs / "tiny")}
 
 
 # the kill at step 12 (mid-run, after a checkpoint) runs by default; the others with -m slow
@@ -121,7 +49,7 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run(tiny, reference, resum
         assert f"resumed from {max(complete)} " in p.stderr
     else:
         assert "resumed from" not in p.stderr
-    assert_bitwise_equal(final_weights(tmp_path / "tiny"), reference["weights"])
+    assert_bitwise_equal(final_weights(tmp_path / "tiny", STEPS), reference["weights"])
     rows = [json.loads(line) for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss_d" in r] == list(range(1, STEPS + 1))   # redone steps replace old rows
     assert evaluations(tmp_path / "tiny") == reference["evals"]                      # steps 10, 20, 30, 40
@@ -185,9 +113,8 @@ def test_signal_to_one_rank_stops_all_at_one_step_and_sbatch_requeues(tiny, refe
     os.kill(proc.pid, signal.SIGUSR1)                          # what --signal=B:USR1@300 does
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-3000:]                  # stopped after a checkpoint, requeued
-    stopped = last_step(run)
-    assert f"stopped by STOP file at step {stopped} after a checkpoint" in out
-    assert (run / "checkpoints" / f"step_{stopped:08d}").is_dir() and stopped < STEPS
+    stopped = assert_stopped_after_checkpoint(out, run, by="STOP file")
+    assert stopped < STEPS
     calls = log.read_text().splitlines()
     assert calls[-1] == "scontrol requeue 4242"
     srun = next(c for c in calls if c.startswith("srun"))
@@ -196,7 +123,7 @@ def test_signal_to_one_rank_stops_all_at_one_step_and_sbatch_requeues(tiny, refe
     assert not (ROOT / ".dcgan-stop-4242").exists()
 
     subprocess.run(sbatch, cwd=ROOT, env=e, check=True, capture_output=True, timeout=300)   # the requeued job
-    assert_bitwise_equal(final_weights(run), reference["weights"])
+    assert_bitwise_equal(final_weights(run, STEPS), reference["weights"])
     assert evaluations(run) == reference["evals"]
     assert log.read_text().splitlines()[-1] != "scontrol requeue 4242"         # finished: no second requeue
 
@@ -210,9 +137,8 @@ def test_sigterm_to_one_worker_stops_every_rank(tiny, resumable, tmp_path):
     ranks[1].send_signal(signal.SIGTERM)                        # one rank only
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
-    stopped = last_step(tmp_path / "tiny")
-    assert f"stopped by signal at step {stopped}" in out
-    assert [p.name for p in (tmp_path / "tiny" / "checkpoints").iterdir()][-1] == f"step_{stopped:08d}"
+    stopped = assert_stopped_after_checkpoint(out, tmp_path / "tiny")
+    assert sorted(p.name for p in (tmp_path / "tiny" / "checkpoints").iterdir())[-1] == f"step_{stopped:08d}"
 
 
 def test_nan_on_one_rank_stops_every_rank_naming_step_and_checkpoint(tiny, tmp_path):
@@ -386,11 +312,8 @@ def test_a_second_run_on_the_same_directory_is_refused_naming_the_holder(tiny, t
     assert not (tmp_path / "tiny" / "checkpoints").exists()
     # Two ranks: rank 0 holds the lock check, and every rank raises its error. Before, rank 1 waited in the
     # rendezvous for the rank 0 that had left, until torchrun killed it (SIGTERM, then SIGKILL 30 s later).
-    launch = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                             "--main_process_port", str(free_port()), str(ROOT / "launch" / "train.py"),
-                             "--config", str(tiny), "--set", f'runs_dir="{tmp_path}"'], capture_output=True, text=True,
-                            timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    launch = subprocess.run(launch_cmd(tiny, f'runs_dir="{tmp_path}"'), capture_output=True, text=True, timeout=120,
+                            env=env())
     assert launch.stderr.count(f"error: run directory {tmp_path / 'tiny'} is in use by another run") == 2
     assert sorted(re.findall(r"rank\s*: (\d) \(local_rank.*\n\s*exitcode\s*: (-?\d+)", launch.stderr)) == \
         [("0", "2"), ("1", "2")]                                # both ranks exited with the user error, none killed

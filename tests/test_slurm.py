@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
-from test_failures import run_cmd
-from test_resume import assert_bitwise_equal, last_step, load_file
+from safetensors.torch import load_file
+
+from conftest import ROOT, assert_bitwise_equal, env, last_step, run_cmd
 
 sys.path.insert(0, str(Path(__file__).parent / "slurm"))
 import cluster  # noqa: E402
@@ -70,7 +70,7 @@ def weights(run: Path) -> dict:
 def reference(tiny, tmp_path_factory):
     runs = tmp_path_factory.mktemp("slurm_ref")
     p = subprocess.run(run_cmd(tiny, f'runs_dir="{runs}"', *SETTINGS), capture_output=True, text=True,
-                       timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       timeout=600, env=env())
     assert p.returncode == 0, p.stderr[-3000:]
     return weights(runs / "tiny")
 

@@ -1,15 +1,39 @@
-"""The suite's own settings (conftest.py): what keeps it within its timeouts on a busy shared machine."""
+"""The suite reads as one (issue 24 §6): checks that fail when a test module drifts from the shared helpers."""
 
-import os
-import subprocess
-import sys
+import ast
+import re
+
+from conftest import ROOT
+
+TESTS = ROOT / "tests"
 
 
-def test_the_test_process_and_the_processes_it_starts_use_one_torch_thread():
-    import torch
+def test_no_test_module_imports_another_test_module():
+    """A fixture imported from another test module is a second fixture: its reference run was trained twice.
+    Shared helpers and fixtures live in conftest.py."""
+    bad = []
+    for path in sorted(TESTS.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            bad += [f"{path.name} imports {n}" for n in names if n.split(".")[0].startswith("test_")]
+    assert bad == []
 
-    threads = os.environ["OMP_NUM_THREADS"]           # "1" unless the environment set it before pytest started
-    assert torch.get_num_threads() == int(threads)
-    p = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], capture_output=True,
-                       text=True, timeout=120, check=True)
-    assert p.stdout.strip() == threads
+
+def test_every_launch_is_built_by_conftest():
+    """One command line for `accelerate launch` and launch/run.py: conftest.launch_cmd."""
+    offenders = [str(p.relative_to(TESTS)) for p in sorted(TESTS.rglob("*.py")) if p.name != "conftest.py"
+                 and ("accelerate.commands.launch" in p.read_text() or '"--multi_gpu"' in p.read_text())]
+    assert offenders == []
+
+
+def test_the_readme_test_command_is_the_one_ci_runs():
+    """The README's second set-up command and .ci/run's default-suite line: the same pytest invocation."""
+    readme = re.search(r"^pip install -e \"\.\[test\]\" && (python -m pytest[^\n]*)$", (ROOT / "README.md").read_text(),
+                       re.M)
+    ci = re.search(r"^\.venv/bin/(python -m pytest[^\n]*)$", (ROOT / ".ci" / "run").read_text(), re.M)
+    assert readme and ci and readme.group(1) == ci.group(1)

@@ -183,8 +183,13 @@ def test_auto_precision_runs_fp32_on_a_cpu_logs_it_and_resumes_an_fp32_checkpoin
     assert "precision: fp32 (train.precision = 'auto' on cpu)" in caplog.text
     assert "train.precision:" not in caplog.text                               # auto -> fp32 is no change
     saved = (tmp_path / "tiny" / "config.toml").read_text()
-    assert 'precision = "auto"\nprecision_resolved = "fp32"\n' in saved
-    assert saved in (tmp_path / "tiny" / "checkpoints" / "step_00000004" / "config.toml").read_text()
+    assert 'precision = "auto"\n' in saved and "precision_resolved" not in saved      # the config as given
+    ckpt = tmp_path / "tiny" / "checkpoints" / "step_00000004"
+    assert saved in (ckpt / "config.toml").read_text()
+    assert json.loads((ckpt / "train_state.json").read_text())["precision"] == "fp32"  # what auto became
+    old = ckpt / "config.toml"             # a checkpoint from before, with the key the trainer wrote into its config
+    old.write_text(old.read_text().replace('precision = "auto"\n', 'precision = "auto"\nprecision_resolved = "fp32"\n'))
+    assert load_config(old).train.precision == "auto"
     caplog.clear()
     train(load_config(tiny, base + ["train.max_steps=6", 'train.precision="fp16"']))
     assert "train.precision: 'fp32' -> 'fp16'" in caplog.text                 # a real change is still logged
@@ -259,7 +264,7 @@ def test_dry_run_prints_config_data_and_parameter_counts(tiny, cli, tmp_path):
     assert 'batch_size = 16' in p.stdout and "1797 images, 32 px, 1 ch" in p.stdout
     # G: 16*32*16 + 64 + 32*16*16 + 32 + 16*8*16 + 16 + 8*16;  D: 16*8 + 8*16*16 + 32 + 16*32*16 + 64 + 32*16
     assert "# generator: 18,672 parameters; discriminator: 10,976 parameters" in p.stdout
-    assert 'precision = "auto"\nprecision_resolved = "fp32"\n' in p.stdout   # on this CPU
+    assert 'precision = "auto"\n' in p.stdout and "precision_resolved" not in p.stdout   # the config as given
     assert "# precision: fp32 (train.precision = 'auto' on cpu)" in p.stdout
     assert not (tmp_path / "tiny").exists()                                   # nothing trained or written
     p = cli("train.py", "--config", tiny, "--dry-run", "--set", "data.resolution=64", check=False)

@@ -12,8 +12,7 @@ import pytest
 
 from dcgan_dist.errors import UserError
 from dcgan_dist.train.tracking import probe, wandb_credentials, wandb_mode
-from test_failures import run_cmd
-from test_resume import env
+from conftest import env, run_cmd
 
 
 @pytest.fixture
