@@ -35,5 +35,5 @@ def test_the_readme_test_command_is_the_one_ci_runs():
     """The README's second set-up command and .ci/run's default-suite line: the same pytest invocation."""
     readme = re.search(r"^pip install -e \"\.\[test\]\" && (python -m pytest[^\n]*)$", (ROOT / "README.md").read_text(),
                        re.M)
-    ci = re.search(r"^\.venv/bin/(python -m pytest[^\n]*)$", (ROOT / ".ci" / "run").read_text(), re.M)
+    ci = re.search(r"^\.venv/bin/(python -m pytest -q[^\n]*)$", (ROOT / ".ci" / "run").read_text(), re.M)
     assert readme and ci and readme.group(1) == ci.group(1)
