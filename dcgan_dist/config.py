@@ -87,6 +87,9 @@ class TrainConfig:
     compile: bool = False                # torch.compile G and D
     broadcast_buffers: bool = False      # DDP buffer broadcast; False avoids the BN in-place error
     sync_every: int = 10                 # steps between the ranks' agreement on stop signals and the NaN guard
+    dist_timeout_s: float = 600.0        # a collective waits this long for a lost rank (node down, link cut)
+                                         # before every rank ends; above rank 0's longest lone work (a checkpoint
+                                         # on slow storage, an evaluation cache) and data.batch_timeout_s
 
 
 @dataclass
@@ -163,7 +166,7 @@ POSITIVE = {"model.latent", "model.ngf", "model.ndf", "loss.d_steps", "train.bat
             "log.every", "log.sample_every", "log.n_samples", "checkpoint.every", "checkpoint.keep",
             "optim.lr_g", "optim.lr_d", "train.fp16_init_scale", "data.shuffle_window", "train.sync_every",
             "model.ema_kimg", "eval.n", "eval.batch_size", "eval.kid_subsets", "eval.kid_subset_size",
-            "data.timeout_s", "data.deadline_s"}
+            "data.timeout_s", "data.deadline_s", "train.dist_timeout_s"}
 UNIT_INTERVAL = {"loss.real_label", "loss.flip_prob", "optim.beta1", "optim.beta2", "model.ema_rampup"}
 # Upper bounds far above any real use, so an absurd value is a clear error rather than a failed allocation.
 AT_MOST = {"model.latent": 16384, "model.ngf": 4096, "model.ndf": 4096, "train.batch_size": 1 << 16,

@@ -27,6 +27,7 @@ class StoppedWaiting(Exception):
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
 EXIT_PREEMPTED = 75   # sysexits' EX_TEMPFAIL: stopped by a signal after a checkpoint; requeue to continue
+EXIT_PEER_LOST = 76   # a rank was lost (its node died, or could not be reached): requeue to resume
 
 DISK_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
                errno.EFBIG: "file size limit exceeded"}

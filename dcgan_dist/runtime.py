@@ -12,11 +12,12 @@ import ctypes
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
 
-from .errors import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USER_ERROR  # noqa: F401 - re-exported
+from .errors import EXIT_DIVERGED, EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USER_ERROR  # noqa: F401 - re-exported
 
 EXIT_OK = 0
 EXIT_FAILED = 1            # a crash (a bug, or a failure we did not anticipate): the traceback is kept
@@ -24,10 +25,14 @@ EXIT_INTERRUPTED = 130     # a second Ctrl-C: stopped at once, without a checkpo
 OUTCOME_ENV = "DCGAN_DIST_OUTCOME"
 
 
-def record_outcome(code: int, message: str) -> bool:
-    """Record this process's outcome unless another rank already did; True when this call recorded it
-    (then the caller prints the message) or when no outcome file is in use."""
-    path = os.environ.get(OUTCOME_ENV)
+JOB_OUTCOME_ENV = "DCGAN_DIST_JOB_OUTCOME"     # the SLURM scripts' file: the first node's outcome is the job's
+
+
+def record_outcome(code: int, message: str, path: str | None = None) -> bool:
+    """Record this process's outcome (in ``path``, by default the file ``DCGAN_DIST_OUTCOME`` names) unless
+    another rank already did; True when this call recorded it (then the caller prints the message) or when no
+    outcome file is in use."""
+    path = path or os.environ.get(OUTCOME_ENV)
     if not path:
         return True
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -141,6 +146,36 @@ class StopRequest:
 
 
 STOP = StopRequest()
+
+
+# What gloo says when a peer is gone: its process died (the kernel reset the connection) or it stopped answering
+# (a node down, a cut link: no reset comes; the collective waits train.dist_timeout_s).
+_PEER_LOST = re.compile(r"Connection (?:reset|closed) by peer|Broken pipe|Timed out waiting \d+ms|[Ss]ocket [Tt]imeout")
+_ADDRESS = re.compile(r"\[([0-9a-fA-F:.]+)\]:\d+")
+
+
+def peer_lost(e: BaseException, timeout_s: float | None = None) -> str | None:
+    """The one line for a collective that failed because another rank is gone (None: some other error). Names
+    the peer's host (and address) when gloo's message has it (a connection reset); after a timeout it cannot."""
+    import socket
+    text = str(e)
+    if not _PEER_LOST.search(text):
+        return None
+    address = _ADDRESS.search(text)
+    if address and not address.group(1).startswith("127."):
+        ip = address.group(1)
+        try:
+            who = f"the rank(s) on {socket.gethostbyaddr(ip)[0]} ({ip})"
+        except OSError:
+            who = f"the rank(s) at {ip}"
+        how = "their connection was reset (their processes died)"
+    elif address:
+        who, how = "another rank on this node", "its connection was reset (its process died)"
+    else:
+        who = "another rank"
+        how = (f"no answer within train.dist_timeout_s = {timeout_s:g} s" if timeout_s else "no answer in time") + \
+            " (a node down, a network link cut, or a rank stuck)"
+    return f"rank {os.environ.get('RANK', 0)} lost contact with {who}: {how}"
 
 
 def injected_fault(rank: int) -> tuple[str, int] | None:

@@ -5,6 +5,7 @@
 What it adds to `accelerate launch` (which it runs, with the same arguments):
   - the run's one-line outcome is the last thing printed, and the exit code says what happened:
     0 done, 75 stopped after a checkpoint (run again to continue), 2 user error, 3 diverged,
+    76 a rank was lost (another node died or could not be reached; run again to resume),
     130 stopped at once by a second Ctrl-C, 1 crash (tracebacks kept). torchrun's failure report
     and the peers' tracebacks that follow a rank's clear error are not shown;
   - Ctrl-C, SIGTERM, SIGUSR1 or SIGHUP, to this process or to every process of the job at once (as SLURM
@@ -36,8 +37,8 @@ import time  # noqa: E402
 
 import psutil  # noqa: E402
 
-from dcgan_dist.runtime import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED, OUTCOME_ENV,  # noqa: E402
-                                die_with_parent, read_outcome)
+from dcgan_dist.runtime import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED, JOB_OUTCOME_ENV,  # noqa: E402
+                                OUTCOME_ENV, die_with_parent, read_outcome, record_outcome)
 
 FORWARD_EVERY_S = 1.0           # a stop request is re-sent to the ranks until they end: one that was starting
                                 # (and ignored it, as the launcher's child) gets it once its handler is in place
@@ -170,6 +171,8 @@ class Supervisor:
             return rc if rc >= 0 else 128 - rc
         if outcome["exit_code"] not in (0, EXIT_PREEMPTED):    # those rank 0 printed on stdout already
             print(outcome["message"], file=sys.stderr)
+        if os.environ.get(JOB_OUTCOME_ENV):     # a multi-node job: the first node to know why it ended tells the job
+            record_outcome(outcome["exit_code"], outcome["message"], os.environ[JOB_OUTCOME_ENV])
         return outcome["exit_code"]
 
 

@@ -2,7 +2,8 @@
 
 For a clean one-line outcome and a meaningful exit code under a launcher, use launch/run.py in place of
 `accelerate launch` (same arguments). Exit codes: 0 done, 2 user error, 3 diverged, 75 stopped after a
-checkpoint (run again to continue; 0 under a launcher, whose wrapper reads the outcome file), 1 crash.
+checkpoint (run again to continue; 0 under a launcher, whose wrapper reads the outcome file), 76 another rank
+was lost (its node died or could not be reached; run again to resume), 1 crash.
 """
 
 if __name__ == "__main__":
@@ -19,9 +20,9 @@ import sys  # noqa: E402
 
 from dcgan_dist.config import load_config  # noqa: E402
 from dcgan_dist.errors import StoppedWaiting, TrainingDiverged, UserError, disk_error  # noqa: E402
-from dcgan_dist.runtime import (EXIT_DIVERGED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED,  # noqa: E402
-                                EXIT_USER_ERROR, LauncherGone, die_with_parent, outcome_recorded, record_outcome,
-                                setup_logging)
+from dcgan_dist.runtime import (EXIT_DIVERGED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PEER_LOST,  # noqa: E402
+                                EXIT_PREEMPTED, EXIT_USER_ERROR, LauncherGone, die_with_parent, outcome_recorded,
+                                peer_lost, record_outcome, setup_logging)
 
 UNDER_LAUNCHER = "LOCAL_RANK" in os.environ
 MAIN = int(os.environ.get("RANK", 0)) == 0
@@ -73,6 +74,7 @@ def main(argv=None) -> int:
     setup_logging()
     if UNDER_LAUNCHER:
         die_with_parent()                     # the launcher's death is a stop request; see also STOP.orphaned
+    cfg = None
     try:
         cfg = load_config(a.config, a.set)
         if a.dry_run:
@@ -104,6 +106,10 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 - a crash: keep the traceback, unless it follows another failure
         if STOP.orphaned():                   # a peer left the collective because our launcher died
             return launcher_gone()
+        lost = peer_lost(e, cfg.train.dist_timeout_s if cfg is not None else None)
+        if lost and not outcome_recorded():   # another rank's recorded failure explains it otherwise
+            return finish(EXIT_PEER_LOST, f"error: {lost}; nothing after the newest complete checkpoint was "
+                                          f"kept: run the same command again (or requeue the job) to resume")
         if UNDER_LAUNCHER and outcome_recorded():
             print(f"rank {os.environ.get('RANK')}: stopped because another rank failed ({type(e).__name__})",
                   file=sys.stderr)

@@ -11,7 +11,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from conftest import ROOT, assert_bitwise_equal, env, last_step, run_cmd
 
 sys.path.insert(0, str(Path(__file__).parent / "slurm"))
 import cluster  # noqa: E402
+from cluster import job, wait_done, wait_until  # noqa: E402
 
 # the module fixture runs five 2-rank jobs side by side, requeues included (~90 s each): on a slow 2-core VM
 # (2026-12-01) it outlasted the suite's 300-s timeout while every job still finished; wait_done bounds each job
@@ -86,30 +86,9 @@ def sbatch(env: dict, tiny: Path, runs: Path, *options: str, output: bool = True
     return int(p.stdout.strip().split(";")[0])
 
 
-def job(env: dict, job_id: int) -> dict:
-    out = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True, env=env).stdout
-    return dict(f.split("=", 1) for f in out.split() if "=" in f)
-
-
-def wait_until(cond, timeout: float, what: str, log: Path | None = None):
-    t0 = time.time()
-    while not (value := cond()):
-        if time.time() - t0 > timeout:
-            raise AssertionError(f"{what}: not within {timeout:.0f} s\n" + (log.read_text()[-4000:] if log and
-                                                                             log.exists() else ""))
-        time.sleep(1)
-    return value
-
-
 def wait_running_at(env, job_id: int, run: Path, step: int, log: Path) -> None:
     wait_until(lambda: job(env, job_id).get("JobState") == "RUNNING" and last_step(run) >= step, 600,
                f"job {job_id} at step {step}", log)
-
-
-def wait_done(env, job_id: int, log: Path, timeout: float = 900) -> dict:
-    return wait_until(lambda: (j := job(env, job_id)).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED",
-                                                                            "TIMEOUT", "NODE_FAIL") and j,
-                      timeout, f"job {job_id} to end", log)
 
 
 def steps_logged(run: Path) -> list[int]:

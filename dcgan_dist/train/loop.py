@@ -7,6 +7,7 @@ import os
 import shlex
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
 
@@ -17,12 +18,13 @@ else:  # pragma: no cover
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from tqdm import tqdm
 
 from ..config import Config, flatten, to_toml
 from ..data import ShardLoader, to_device
 from ..data.loader import DATA_ORDER
+from ..atomic import write_bytes_atomic
 from ..data.shards import fingerprint
 from ..data.store import set_limits
 from ..errors import TrainingDiverged, UserError
@@ -81,6 +83,8 @@ def _accelerator(cfg: Config, wandb: str) -> Accelerator:
     return new_accelerator(
         cpu=not torch.cuda.is_available(),       # without it a CPU-only --multi_gpu launch runs undistributed
         mixed_precision="no",                    # precision is ours: per-network scalers, see step.py
+        # a collective's bound: a rank on a lost node (killed, link down) ends the survivors after this long
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_timeout_s))],
         log_with=trackers(cfg.log, wandb) or None,
         project_config=ProjectConfiguration(project_dir=str(cfg.run_dir),
                                             logging_dir=str(cfg.run_dir / "tensorboard")),
@@ -160,6 +164,7 @@ def _train(cfg: Config, stop: StopRequest) -> dict:
                 lock_error = str(e)
         acc = _accelerator(cfg, wandb)
         _raise_everywhere(acc, lock_error)
+        _raise_everywhere(acc, _unshared(acc, cfg.run_dir))
         precision = resolve_precision(cfg.train.precision, acc.device)
         if acc.is_main_process:
             log.info(_precision_line(cfg, precision, acc.device))
@@ -210,6 +215,44 @@ def _raise_everywhere(acc: Accelerator, error: str | None) -> None:
     if error:
         acc.end_training()            # every rank is here: the group (any backend) ends together, no trackers yet
         raise UserError(error)
+
+
+def _unshared(acc: Accelerator, run_dir: Path) -> str | None:
+    """Why the ranks do not all see the run directory as rank 0 writes it (None: they do). Checkpoints, the
+    STOP file and the lock live there: a node-local path on a multi-node job would resume every node from
+    another state, or wait for a file that never appears. Rank 0 writes a fresh token; each rank reads it
+    (for up to 5 s: a network file system may show it late)."""
+    if acc.num_processes == 1:
+        return None
+    import socket
+    import uuid
+    token = run_dir / ".shared-check"
+    box = [uuid.uuid4().hex]
+    if acc.is_main_process:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(token, box[0].encode())
+        except OSError as e:
+            box[0] = f"run directory {run_dir}: cannot write ({e.strerror or e})"
+    torch.distributed.broadcast_object_list(box, src=0)
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            seen = token.read_text() == box[0]
+        except OSError:
+            seen = False
+        if seen or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    views = [None] * acc.num_processes
+    torch.distributed.all_gather_object(views, (acc.process_index, socket.gethostname(), seen))
+    blind = [(rank, host) for rank, host, ok in views if not ok]
+    if not blind or " cannot write " in box[0]:
+        return box[0] if blind else None
+    hosts = sorted({host for _, host in blind})
+    return (f"run directory {run_dir} is not shared: rank(s) {', '.join(str(r) for r, _ in blind)} on "
+            f"{', '.join(hosts)} cannot see what rank 0 on {views[0][1]} wrote there; put runs_dir on a file "
+            f"system that every node mounts (NFS, Lustre, GPFS...), not on a node-local disk")
 
 
 def _leave_group() -> None:

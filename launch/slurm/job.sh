@@ -12,7 +12,8 @@
 #     signal): the same checkpoint and exit 75 within SLURM's KillWait; SLURM itself requeues (or, for a
 #     plain scancel, ends) the job: this script does not requeue it a second time.
 #
-# The job's exit code says how the run ended: 0 done, 75 stopped after a checkpoint, 2 user error (one line
+# The job's exit code says how the run ended: 0 done, 75 stopped after a checkpoint, 76 a rank was lost (a
+# node died or could not be reached within train.dist_timeout_s; requeued to resume), 2 user error (one line
 # in the log says what), 3 diverged (NaN guard), 1 crash.
 #
 # Nodes without GPUs (a CPU partition): GPUS_PER_NODE sets the processes per node (gloo), and the job's
@@ -29,8 +30,16 @@ GPUS=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-$("$PY" -c 'import torch; print(max(
 NPROC=$((NNODES * GPUS))
 HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 PORT=$((20000 + SLURM_JOB_ID % 20000))
+# This shell runs on the head node: a port that another program holds there would take the rendezvous (the
+# other nodes would wait on a stranger's server); take a free one instead, and say so.
+if [ "$HEAD" = "$(hostname -s)" ] && ! "$PY" -c 'import socket, sys; socket.socket().bind(("", int(sys.argv[1])))' "$PORT" 2>/dev/null; then
+    FREE=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
+    echo "dcgan_dist: port $PORT on $HEAD is in use by another program; the rendezvous uses port $FREE"
+    PORT=$FREE
+fi
 export DCGAN_DIST_STOP_FILE="$PWD/.dcgan-stop-$SLURM_JOB_ID"
-rm -f "$DCGAN_DIST_STOP_FILE"
+export DCGAN_DIST_JOB_OUTCOME="$PWD/.dcgan-outcome-$SLURM_JOB_ID"     # the first node's outcome (run.py)
+rm -f "$DCGAN_DIST_STOP_FILE" "$DCGAN_DIST_JOB_OUTCOME"
 MULTI=()
 [ "$NPROC" -gt 1 ] && MULTI=(--multi_gpu)
 
@@ -60,7 +69,16 @@ while kill -0 "$pid" 2>/dev/null; do
     rc=$?
 done
 rm -f "$DCGAN_DIST_STOP_FILE"
-if [ "$rc" = 75 ] && [ "$ENDING" = 0 ]; then
+# srun's code is the worst of the nodes' (128+9 for a node whose processes were killed): the first node to know
+# why the run ended (a rank lost, 76) says it in the outcome file
+if [ -f "$DCGAN_DIST_JOB_OUTCOME" ]; then
+    rc=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["exit_code"])' "$DCGAN_DIST_JOB_OUTCOME" 2>/dev/null || echo "$rc")
+    rm -f "$DCGAN_DIST_JOB_OUTCOME"
+fi
+if [ "$rc" = 76 ] && [ "$ENDING" = 0 ]; then
+    echo "dcgan_dist: a rank was lost (see the error above); requeueing job $SLURM_JOB_ID to resume from the newest checkpoint"
+    scontrol requeue "$SLURM_JOB_ID"
+elif [ "$rc" = 75 ] && [ "$ENDING" = 0 ]; then
     echo "dcgan_dist: checkpointed after a stop request; requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
 elif [ "$rc" = 75 ]; then
