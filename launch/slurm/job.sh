@@ -61,6 +61,17 @@ ARGS=("${MULTI[@]}" --num_machines "$NNODES" --num_processes "$NPROC" --main_pro
 srun --kill-on-bad-exit=1 --ntasks-per-node=1 --nodes="$NNODES" \
     bash -c 'exec "$0" launch/run.py --machine_rank "$SLURM_NODEID" "$@"' "$PY" "${ARGS[@]}" &
 pid=$!
+# A node that is gone with its SLURM step daemon leaves srun waiting for it: 60 s after the first node
+# recorded why the run ended, the step is over, whatever srun still waits for.
+( while kill -0 "$pid" 2>/dev/null; do
+      if [ -f "$DCGAN_DIST_JOB_OUTCOME" ]; then
+          sleep 60
+          kill -0 "$pid" 2>/dev/null && echo "dcgan_dist: a node's job step did not end 60 s after the run ended; ending srun" \
+              && kill -9 "$pid"
+          break
+      fi
+      sleep 2
+  done ) &
 # `wait` returns early when a trapped signal arrives; keep waiting until the job step has really ended.
 wait "$pid"
 rc=$?
