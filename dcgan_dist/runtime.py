@@ -181,7 +181,9 @@ def peer_lost(e: BaseException, timeout_s: float | None = None) -> str | None:
 def injected_fault(rank: int) -> tuple[str, int] | None:
     """DCGAN_DIST_FAULT=KIND@STEP[@RANK] (tests): ``(kind, step)`` when it applies to this rank, else None.
     Kinds: ``nan`` (that batch becomes NaN), ``raise`` (the step raises), ``enospc`` (the checkpoint at STEP
-    fails as on a full disk), ``slow`` (every step takes STEP milliseconds longer: a slow GPU or fp16 on a CPU)."""
+    fails as on a full disk), ``slowsave`` (the checkpoint at STEP takes 8 s longer on this rank, while its
+    ``.tmp`` folder is being written), ``slow`` (every step takes STEP milliseconds longer: a slow GPU or fp16 on
+    a CPU)."""
     kind, *rest = os.environ.get("DCGAN_DIST_FAULT", "").split("@")
     if kind and rest and (len(rest) < 2 or int(rest[1]) == rank):
         return kind, int(rest[0])

@@ -193,3 +193,21 @@ def test_a_port_taken_on_the_head_node_is_said_and_another_is_used(two_nodes, ti
     assert end["JobState"] == "COMPLETED", (end, text[-3000:])
     assert re.search(rf"dcgan_dist: port {port} on node1 is in use by another program; the rendezvous uses port "
                      rf"\d+", text), text[-3000:]
+
+
+def test_a_node_lost_while_a_checkpoint_is_written_leaves_no_half_checkpoint_and_resumes_exactly(
+        two_nodes, tiny, reference, resumable, tmp_path):
+    """node2's processes killed while the checkpoint of step 15 is being written (its rank takes 8 s over it):
+    node1 ends with the one line and exit 76; the half-written step_00000015.tmp is removed, never loaded; the
+    requeued job resumes from step 10 and ends bitwise where the one-node run ends."""
+    root, env = two_nodes
+    job_id = submit(env, tiny, tmp_path, *resumable, "train.dist_timeout_s=20",
+                    extra={"DCGAN_DIST_FAULT": "slowsave@15@1"})
+    run, log = tmp_path / "tiny", tmp_path / f"slurm-{job_id}.out"
+    wait_until(lambda: (run / "checkpoints" / "step_00000015.tmp").is_dir(), 300, "the checkpoint of step 15", log)
+    for pid in cluster.node_pids(root, "node2"):
+        if not Path(f"/proc/{pid}/comm").read_text().startswith(("slurmd", "slurmstepd")):
+            subprocess.run(["kill", "-9", str(pid)], capture_output=True)
+    text = assert_requeued_and_exact(env, job_id, run, log, reference)
+    assert "error: rank 0 lost contact with the rank(s) on node2" in text, text[-3000:]
+    assert f"resumed from {run / 'checkpoints' / 'step_00000010'} (step 10)" in text, text[-3000:]

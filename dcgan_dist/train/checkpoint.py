@@ -18,6 +18,7 @@ import errno
 import json
 import logging
 import os
+import time
 import re
 import shutil
 from pathlib import Path
@@ -94,8 +95,11 @@ def save(acc, nets, state: TrainState, root: Path, config_toml: str, keep: int, 
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True)
-        if injected_fault(acc.process_index) == ("enospc", state.step):
+        fault = injected_fault(acc.process_index)
+        if fault == ("enospc", state.step):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / "model.safetensors"))
+        if fault == ("slowsave", state.step):        # a write that takes long: time to lose a node meanwhile
+            time.sleep(8)
         acc.wait_for_everyone()
         if acc.is_main_process:
             (tmp / "config.toml").write_text(config_toml)    # lets sample.py rebuild G without the run dir
