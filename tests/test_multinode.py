@@ -100,19 +100,24 @@ def assert_requeued_and_exact(env, job_id: int, run: Path, log: Path, reference:
     return text
 
 
-@pytest.mark.parametrize("how", ["usr1_to_the_batch_shell", "usr1_to_every_process", "scontrol_requeue"])
+@pytest.mark.parametrize("how", ["usr1_to_the_batch_shell", "usr1_to_every_process", "scontrol_requeue",
+                                 "preemption"])
 def test_a_stopped_two_node_job_checkpoints_requeues_and_ends_bitwise_equal(two_nodes, tiny, reference, resumable,
                                                                            tmp_path, how):
     """Every rank on both nodes stops at one agreed step after a checkpoint (exit 75), the job is requeued and
     ends bitwise where the one-node run ends. W&B (offline) is one run: global rank 0's, every segment one id."""
     _, env = two_nodes
-    command = {"usr1_to_the_batch_shell": ["scancel", "--signal=USR1", "--batch"],
-               "usr1_to_every_process": ["scancel", "--signal=USR1"], "scontrol_requeue": ["scontrol", "requeue"]}[how]
+    command = {"usr1_to_the_batch_shell": ["scancel", "--signal=USR1", "--batch", "{job}"],
+               "usr1_to_every_process": ["scancel", "--signal=USR1", "{job}"],
+               "scontrol_requeue": ["scontrol", "requeue", "{job}"],
+               # a job of the higher-priority partition that needs both nodes whole
+               "preemption": ["sbatch", "--partition=urgent", "--nodes=2", "--cpus-per-task=16",
+                              f"--output={tmp_path}/urgent-%j.out", "--wrap", "sleep 2"]}[how]
     job_id = submit(env, tiny, tmp_path, *resumable, *WANDB, extra=SLOW_STEPS)
     run, log = tmp_path / "tiny", tmp_path / f"slurm-{job_id}.out"
     wait_at_step(env, job_id, run, 12, log)
     t0 = time.monotonic()
-    subprocess.run([*command, str(job_id)], check=True, env=env, capture_output=True)
+    subprocess.run([a.format(job=job_id) for a in command], check=True, env=env, capture_output=True)
     wait_until(lambda: "stopped by" in log.read_text(), 120, "the stop", log)
     print(f"{how}: stopped {time.monotonic() - t0:.1f} s after the request")
     text = assert_requeued_and_exact(env, job_id, run, log, reference)
