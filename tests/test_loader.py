@@ -535,3 +535,16 @@ def test_close_returns_when_a_killed_worker_held_the_done_events_lock(tiny):
     closing.join(30)
     assert not closing.is_alive() and not any(w.is_alive() for w in it._workers)
     it._workers_done_event._cond._lock.release()      # else torch's shutdown blocks where this test drops `it`
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_closed_loader_iterated_again_continues_where_it_stopped(tmp_path, workers):
+    """close() ends the workers; iterating again forks new ones that start at the batch the loader had reached."""
+    write_indexed_shards(tmp_path, 203, shard_size=50, chunk_size=16)
+    kw = dict(batch_size=8, num_workers=workers, seed=7, shuffle_window=32)
+    full = ids(take(ShardLoader(tmp_path, **kw), 30))
+    loader = ShardLoader(tmp_path, **kw)
+    first = ids(take(loader, 13))
+    loader.close()
+    assert first + ids(take(loader, 17)) == full and loader.batches == 30
+    loader.close()

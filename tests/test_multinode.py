@@ -101,7 +101,7 @@ def assert_requeued_and_exact(env, job_id: int, run: Path, log: Path, reference:
 
 
 @pytest.mark.parametrize("how", ["usr1_to_the_batch_shell", "usr1_to_every_process", "scontrol_requeue",
-                                 "preemption"])
+                                 "preemption", "time_limit"])
 def test_a_stopped_two_node_job_checkpoints_requeues_and_ends_bitwise_equal(two_nodes, tiny, reference, resumable,
                                                                            tmp_path, how):
     """Every rank on both nodes stops at one agreed step after a checkpoint (exit 75), the job is requeued and
@@ -112,13 +112,22 @@ def test_a_stopped_two_node_job_checkpoints_requeues_and_ends_bitwise_equal(two_
                "scontrol_requeue": ["scontrol", "requeue", "{job}"],
                # a job of the higher-priority partition that needs both nodes whole
                "preemption": ["sbatch", "--partition=urgent", "--nodes=2", "--cpus-per-task=16",
-                              f"--output={tmp_path}/urgent-%j.out", "--wrap", "sleep 2"]}[how]
-    job_id = submit(env, tiny, tmp_path, *resumable, *WANDB, extra=SLOW_STEPS)
+                              f"--output={tmp_path}/urgent-%j.out", "--wrap", "sleep 2"],
+               # a real time limit: the scripts' warning signal 60 s before 2 minutes end (steps of 1.5 s)
+               "time_limit": None}[how]
+    limit = how == "time_limit"
+    job_id = submit(env, tiny, tmp_path, *resumable, *WANDB, options=["--time=2", "--signal=B:USR1@60"] if limit
+                    else (), extra={"DCGAN_DIST_FAULT": "slow@1500"} if limit else SLOW_STEPS)
     run, log = tmp_path / "tiny", tmp_path / f"slurm-{job_id}.out"
+    t0 = time.monotonic()
+    wait_until(lambda: job(env, job_id).get("JobState") == "RUNNING", 300, "the job to start", log)
+    wait_until(lambda: last_step(run) >= 1, 300, "the first step", log)
+    print(f"{how}: first step {time.monotonic() - t0:.1f} s after the job started running")
     wait_at_step(env, job_id, run, 12, log)
     t0 = time.monotonic()
-    subprocess.run([a.format(job=job_id) for a in command], check=True, env=env, capture_output=True)
-    wait_until(lambda: "stopped by" in log.read_text(), 120, "the stop", log)
+    if command:
+        subprocess.run([a.format(job=job_id) for a in command], check=True, env=env, capture_output=True)
+    wait_until(lambda: "stopped by" in log.read_text(), 180, "the stop", log)
     print(f"{how}: stopped {time.monotonic() - t0:.1f} s after the request")
     text = assert_requeued_and_exact(env, job_id, run, log, reference)
     stopped = re.search(r"stopped by (?:signal|STOP file) at step (\d+) after a checkpoint", text)
@@ -154,6 +163,8 @@ def test_a_node_lost_mid_run_ends_the_job_in_bounded_time_and_the_requeue_resume
         if loss == "link_down":
             time.sleep(2)
             cluster.set_link(root, "node2", up=True)
+    wait_until(lambda: "requeueing job" in log.read_text(), 180, "the requeue", log)
+    print(f"{loss}: the job's first segment ended (requeueing) {time.monotonic() - t0:.1f} s after the loss")
     text = assert_requeued_and_exact(env, job_id, run, log, reference)
     line = next(line for line in text.splitlines() if "lost contact with" in line)
     if loss == "processes_killed":

@@ -72,15 +72,10 @@ class ShardLoader:
         self._warned: set = set()
         self._window = None                 # (images, labels, first batch) of the window being used
         self._it, self._workers, self._ahead = None, [], None   # _ahead: 0 workers, (window, thread, result)
+        self._seed, self._pin_memory, self._prefetch = seed, pin_memory, prefetch_factor
         if num_workers:
             enough_open_files(num_workers, prefetch_factor)
             warn_oversubscribed(num_workers)
-        # its own generator: starting the iterator must not draw from the global RNG (a resumed run's z would drift)
-        self._dl = DataLoader(self.windows, batch_size=None, sampler=range(self.windows.window_of(start_batch), 2**62),
-                              num_workers=num_workers, prefetch_factor=prefetch_factor if num_workers else None,
-                              timeout=POLL_S if num_workers else 0, pin_memory=pin_memory, worker_init_fn=worker_init,
-                              multiprocessing_context="fork" if num_workers else None,
-                              generator=torch.Generator().manual_seed(seed))
 
     @property
     def batches_per_epoch(self) -> int:
@@ -95,15 +90,21 @@ class ShardLoader:
         return {"batches": self.batches}
 
     def start(self) -> "ShardLoader":
-        """Fork the workers now (else the first batch does): the trainer does it before any thread exists."""
+        """Fork the workers now (else the first batch does): the trainer does it before any thread exists. They
+        serve the windows from the one holding batch ``self.batches`` on (after a close(), from there too)."""
         if self.num_workers and self._it is None:
+            # its own generator: starting the iterator must not draw from the global RNG (a resumed z would drift)
+            dl = DataLoader(self.windows, batch_size=None, sampler=range(self.windows.window_of(self.batches), 2**62),
+                            num_workers=self.num_workers, prefetch_factor=self._prefetch, timeout=POLL_S,
+                            pin_memory=self._pin_memory, worker_init_fn=worker_init, multiprocessing_context="fork",
+                            generator=torch.Generator().manual_seed(self._seed))
             before = set(multiprocessing.active_children())
             gc.freeze()          # workers never collect (or copy the pages of) what the trainer allocated so far
             # stop signals held back meanwhile: the workers start with them blocked (see worker_init), and one
             # that arrives now reaches this process when the workers exist
             mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
             try:
-                self._it = iter(self._dl)
+                self._it = iter(dl)
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 gc.unfreeze()
