@@ -85,6 +85,17 @@ SLOW_STEPS = {"DCGAN_DIST_FAULT": "slow@250"}   # every step 0.25 s longer: time
 WANDB = ['log.wandb="offline"', 'log.trackers=["wandb"]']
 
 
+def kill_the_job_on(root: Path, node: str) -> None:
+    """kill -9 of the job's own processes on ``node`` (run.py, the launcher, the rank, its loader worker), not
+    SLURM's daemons (without its slurmstepd, srun would wait for that step for ever; job.sh bounds that too)."""
+    for pid in cluster.node_pids(root, node):
+        try:
+            if not Path(f"/proc/{pid}/comm").read_text().startswith(("slurmd", "slurmstepd")):
+                os.kill(pid, 9)
+        except OSError:                    # gone meanwhile
+            pass
+
+
 def wait_at_step(env, job_id: int, run: Path, step: int, log: Path) -> None:
     wait_until(lambda: job(env, job_id).get("JobState") == "RUNNING" and last_step(run) >= step, 600,
                f"job {job_id} at step {step}", log)
@@ -148,10 +159,8 @@ def test_a_node_lost_mid_run_ends_the_job_in_bounded_time_and_the_requeue_resume
     run, log = tmp_path / "tiny", tmp_path / f"slurm-{job_id}.out"
     wait_at_step(env, job_id, run, 12, log)
     t0 = time.monotonic()
-    if loss == "processes_killed":             # the job's own processes (run.py, the launcher, the rank, its
-        for pid in cluster.node_pids(root, "node2"):              # loader worker), not SLURM's daemons
-            if not Path(f"/proc/{pid}/comm").read_text().startswith(("slurmd", "slurmstepd")):
-                subprocess.run(["kill", "-9", str(pid)], capture_output=True)
+    if loss == "processes_killed":
+        kill_the_job_on(root, "node2")
     else:
         cluster.set_link(root, "node2", up=False)
     try:
@@ -221,9 +230,7 @@ def test_a_node_lost_while_a_checkpoint_is_written_leaves_no_half_checkpoint_and
                     extra={"DCGAN_DIST_FAULT": "slowsave@15@1"})
     run, log = tmp_path / "tiny", tmp_path / f"slurm-{job_id}.out"
     wait_until(lambda: (run / "checkpoints" / "step_00000015.tmp").is_dir(), 300, "the checkpoint of step 15", log)
-    for pid in cluster.node_pids(root, "node2"):
-        if not Path(f"/proc/{pid}/comm").read_text().startswith(("slurmd", "slurmstepd")):
-            subprocess.run(["kill", "-9", str(pid)], capture_output=True)
+    kill_the_job_on(root, "node2")
     text = assert_requeued_and_exact(env, job_id, run, log, reference)
     assert "error: rank 0 lost contact with the rank(s) on node2" in text, text[-3000:]
     assert f"resumed from {run / 'checkpoints' / 'step_00000010'} (step 10)" in text, text[-3000:]

@@ -15,9 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from safetensors.torch import load_file
-
-from conftest import ROOT, assert_bitwise_equal, env, last_step, run_cmd
+from conftest import ROOT, assert_bitwise_equal, env, final_weights, last_step, run_cmd
 
 sys.path.insert(0, str(Path(__file__).parent / "slurm"))
 import cluster  # noqa: E402
@@ -59,20 +57,13 @@ def slurm(tmp_path_factory):
     cluster.stop(root)
 
 
-def weights(run: Path) -> dict:
-    ckpt = run / "checkpoints" / f"step_{STEPS:08d}"
-    return {**{f"G.{k}": v for k, v in load_file(ckpt / "model.safetensors").items()},
-            **{f"D.{k}": v for k, v in load_file(ckpt / "model_1.safetensors").items()},
-            **{f"G_ema.{k}": v for k, v in load_file(ckpt / "ema.safetensors").items()}}
-
-
 @pytest.fixture(scope="module")
 def reference(tiny, tmp_path_factory):
     runs = tmp_path_factory.mktemp("slurm_ref")
     p = subprocess.run(run_cmd(tiny, f'runs_dir="{runs}"', *SETTINGS), capture_output=True, text=True,
                        timeout=600, env=env())
     assert p.returncode == 0, p.stderr[-3000:]
-    return weights(runs / "tiny")
+    return final_weights(runs / "tiny", STEPS)
 
 
 def sbatch(env: dict, tiny: Path, runs: Path, *options: str, output: bool = True) -> int:
@@ -130,7 +121,7 @@ def assert_requeued_and_exact(end: dict, text: str, run: Path, reference: dict) 
     assert re.search(r"stopped by (signal|STOP file) at step \d+ after a checkpoint", text), text[-4000:]
     assert "Traceback" not in text, text[-4000:]
     assert steps_logged(run) == list(range(1, STEPS + 1))          # each step once: redone ones replaced
-    assert_bitwise_equal(weights(run), reference)
+    assert_bitwise_equal(final_weights(run, STEPS), reference)
 
 
 @pytest.mark.parametrize("how", list(STOPS))
