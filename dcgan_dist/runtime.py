@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 from .errors import EXIT_DIVERGED, EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USER_ERROR  # noqa: F401 - re-exported
@@ -201,7 +202,6 @@ def fault_injector(rank: int):
         if fault == ("raise", step):
             raise RuntimeError(f"injected failure at step {step} (DCGAN_DIST_FAULT)")
         if fault and fault[0] == "slow":
-            import time
             time.sleep(fault[1] / 1000)
         return real
     return inject

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import (ROOT, STEPS, assert_bitwise_equal, assert_stopped_after_checkpoint, env, evaluations,
-                      final_weights, last_step, launch_cmd, wait_for_step)
+                      final_weights, last_step, launch_cmd, tree, wait_for_step, wait_gone)
 from dcgan_dist.config import load_config
 from dcgan_dist.errors import UserError
 from dcgan_dist.train import train
@@ -33,10 +33,10 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run(tiny, reference, resum
     wait_for_step(proc, tmp_path / "tiny", kill_after)
     # kill -9 the whole tree, as SLURM's cgroup kill does: torchrun starts each rank in its own session,
     # so killing the launcher's process group alone would leave the ranks running.
-    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    for p in tree:
+    procs = tree(proc.pid)
+    for p in procs:
         p.kill()
-    psutil.wait_procs(tree, timeout=30)
+    wait_gone(procs, 30)
     proc.wait()
     killed_at = last_step(tmp_path / "tiny")
     assert killed_at < STEPS
