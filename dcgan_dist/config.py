@@ -42,6 +42,8 @@ class ModelConfig:
     latent: int = 100                    # nz, the size of z
     ngf: int = 64                        # generator width
     ndf: int = 64                        # discriminator width
+    d_norm: str = "batch"                # D's normalisation: batch (the paper's BatchNorm) | spectral
+                                         # (spectral normalisation, Miyato et al. 2018; no BatchNorm in D)
     init_g: bool = True                  # DCGAN init N(0, 0.02) conv / N(1, 0.02) BN scale for G
     init_d: bool = True                  # ... and for D
     sync_bn: bool = False                # SyncBatchNorm across GPUs (CUDA only)
@@ -158,7 +160,7 @@ class Config:
 
 CHOICES = {
     "data.resolution": (32, 64, 128), "data.channels": (1, 3), "data.verify": ("size", "sha256", "none"),
-    "loss.kind": ("bce", "hinge", "lsgan"), "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "loss.kind": ("bce", "hinge", "lsgan"), "model.d_norm": ("batch", "spectral"), "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "log.wandb": ("online", "offline", "disabled", "auto"), "eval.features": ("auto", "inception", "classifier"),
 }
 TRACKERS = ("wandb", "tensorboard")

@@ -46,20 +46,39 @@ class Generator(nn.Module, PyTorchModelHubMixin, library_name="dcgan_dist",
 
 
 class Discriminator(nn.Module):
-    """image -> logits (B,): strided convs, BatchNorm except on the first layer, LeakyReLU 0.2."""
+    """image (B x C x R x R) -> logits (B,): strided convs, LeakyReLU 0.2 and, by ``norm``:
 
-    def __init__(self, ndf: int = 64, channels: int = 3, resolution: int = 64) -> None:
+    - ``"batch"`` (the DCGAN paper's): BatchNorm after every conv but the first and the last;
+    - ``"spectral"``: no BatchNorm; every conv's weight divided by its largest singular value, estimated by one
+      power iteration per forward in training mode (spectral normalisation, Miyato et al. 2018, "Spectral
+      Normalization for Generative Adversarial Networks"; torch.nn.utils.parametrizations.spectral_norm),
+      which bounds D's Lipschitz constant; convs then carry a bias, as the paper's.
+    """
+
+    def __init__(self, ndf: int = 64, channels: int = 3, resolution: int = 64, norm: str = "batch") -> None:
         super().__init__()
-        n = _n_layers(resolution)
+        if norm not in ("batch", "spectral"):
+            raise ValueError(f"norm must be 'batch' or 'spectral', not {norm!r}")
+        n, sn = _n_layers(resolution), norm == "spectral"
         width = [ndf * 2 ** i for i in range(n)]                     # 64 px: 1, 2, 4, 8 x ndf
-        layers = [nn.Conv2d(channels, width[0], 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
+        layers = [nn.Conv2d(channels, width[0], 4, 2, 1, bias=sn), nn.LeakyReLU(0.2, True)]
         for a, b in zip(width, width[1:]):
-            layers += [nn.Conv2d(a, b, 4, 2, 1, bias=False), nn.BatchNorm2d(b), nn.LeakyReLU(0.2, True)]
-        layers += [nn.Conv2d(width[-1], 1, 4, 1, 0, bias=False)]    # 4x4 -> 1x1 logit; no sigmoid
+            layers += [nn.Conv2d(a, b, 4, 2, 1, bias=sn), *([] if sn else [nn.BatchNorm2d(b)]), nn.LeakyReLU(0.2, True)]
+        layers += [nn.Conv2d(width[-1], 1, 4, 1, 0, bias=sn)]       # 4x4 -> 1x1 logit; no sigmoid
+        self.norm = norm
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).flatten()
+
+    def spectral_norm_(self) -> "Discriminator":
+        """Register the spectral normalisation of every conv (norm="spectral"; after the weights' init, since
+        the parametrisation keeps the initialised weight as its ``original``). Returns self."""
+        if self.norm == "spectral":
+            for m in self.net:
+                if isinstance(m, nn.Conv2d):
+                    nn.utils.parametrizations.spectral_norm(m)
+        return self
 
 
 @torch.no_grad()
@@ -68,6 +87,8 @@ def dcgan_init(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)
@@ -76,12 +97,12 @@ def dcgan_init(module: nn.Module) -> None:
 def build_models(cfg) -> tuple[Generator, Discriminator]:
     """G and D from a Config, initialised as configured."""
     g = Generator(cfg.model.latent, cfg.model.ngf, cfg.data.channels, cfg.data.resolution)
-    d = Discriminator(cfg.model.ndf, cfg.data.channels, cfg.data.resolution)
+    d = Discriminator(cfg.model.ndf, cfg.data.channels, cfg.data.resolution, cfg.model.d_norm)
     if cfg.model.init_g:
         dcgan_init(g)
     if cfg.model.init_d:
         dcgan_init(d)
-    return g, d
+    return g, d.spectral_norm_()
 
 
 def count_parameters(module: nn.Module) -> int:

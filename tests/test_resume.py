@@ -189,6 +189,9 @@ def test_checkpoint_of_another_model_size_is_a_clear_error_and_kept(tiny, tmp_pa
     with pytest.raises(UserError, match=r"generator tensor net\.0\.weight has shape \(16, 32, 4, 4\) but the "
                                         r"config builds \(16, 64, 4, 4\)"):
         train(load_config(tiny, [f'runs_dir="{tmp_path}"', "train.max_steps=4", "model.ngf=16"]))
+    with pytest.raises(UserError, match=r"discriminator tensor net\.0\.bias: only the config builds it \(another "
+                                        r"architecture, e\.g\. model\.d_norm\)"):
+        train(load_config(tiny, [f'runs_dir="{tmp_path}"', "train.max_steps=4", 'model.d_norm="spectral"']))
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
 
 

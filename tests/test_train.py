@@ -306,6 +306,25 @@ def test_models_match_the_paper_shapes_and_init():
         assert Discriminator(8, 1, res)(x).shape == (2,)
 
 
+def test_spectral_norm_discriminator_has_unit_spectral_norms_and_no_batchnorm():
+    from dcgan_dist.models import Discriminator, count_parameters, dcgan_init
+    d = Discriminator(64, 3, 64, norm="spectral")
+    dcgan_init(d)
+    d.spectral_norm_()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in d.modules())
+    assert count_parameters(d) == 2_765_568 - 2 * (128 + 256 + 512) + (64 + 128 + 256 + 512 + 1)   # biases, no BN
+    x = torch.randn(8, 3, 64, 64)
+    for _ in range(30):                                 # one power iteration per training-mode forward
+        d(x)
+    convs = [m for m in d.modules() if isinstance(m, torch.nn.Conv2d)]
+    sigma = [torch.linalg.matrix_norm(m.weight.detach().flatten(1), ord=2).item() for m in convs]
+    assert sigma == pytest.approx([1.0] * 5, abs=0.02)          # every weight divided by its largest singular value
+    raw = [torch.linalg.matrix_norm(m.parametrizations.weight.original.flatten(1), ord=2).item() for m in convs]
+    assert raw[0] < 0.5 and raw[-1] > 1.5             # N(0, 0.02) weights: the first conv's far below 1, the last's above
+    with pytest.raises(ValueError, match="norm must be 'batch' or 'spectral', not 'layer'"):
+        Discriminator(64, 3, 64, norm="layer")
+
+
 def test_loss_values_on_known_logits():
     import math
     from dcgan_dist.losses import d_loss, d_targets, g_loss

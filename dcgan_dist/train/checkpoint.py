@@ -155,19 +155,28 @@ def verify(path: Path) -> None:
 
 
 def _check_shapes(path: Path, acc, nets) -> None:
-    """A checkpoint of another model size is a config mistake, not damage: say which tensor differs."""
+    """A checkpoint of another model size or architecture is a config mistake, not damage: say which tensor
+    differs."""
     for name, model in (("model.safetensors", nets.G), ("model_1.safetensors", nets.D), (EMA_FILE, nets.G)):
-        expected = {k: tuple(v.shape) for k, v in acc.unwrap_model(model).state_dict().items()}
+        plain = acc.unwrap_model(model, keep_torch_compile=False)          # keys as saved: no _orig_mod. prefix
+        expected = {k: tuple(v.shape) for k, v in plain.state_dict().items()}
         if not (path / name).is_file():
             continue
+        net = "discriminator" if name == "model_1.safetensors" else "generator"
+        fix = (f"resume with the config the run was started with (see {path / 'config.toml'}) or set "
+               f"checkpoint.resume = \"never\"")
         with safe_open(str(path / name), "pt") as f:
-            for key in f.keys():
+            keys = set(f.keys())
+            if keys != set(expected):             # another architecture, e.g. model.d_norm changed
+                odd = sorted(keys ^ set(expected))[0]
+                where = "the checkpoint has" if odd in keys else "the config builds"
+                raise UserError(f"{path}: {net} tensor {odd}: only {where} it (another architecture, e.g. "
+                                f"model.d_norm); {fix}")
+            for key in sorted(keys):
                 got = tuple(f.get_slice(key).get_shape())
-                if key in expected and got != expected[key]:
-                    net = "discriminator" if name == "model_1.safetensors" else "generator"
+                if got != expected[key]:
                     raise UserError(f"{path}: {net} tensor {key} has shape {got} but the config builds "
-                                    f"{expected[key]}; resume with the config the run was started with "
-                                    f"(see {path / 'config.toml'}) or set checkpoint.resume = \"never\"")
+                                    f"{expected[key]}; {fix}")
 
 
 def load(path: Path, acc, nets, state: TrainState) -> None:
