@@ -59,9 +59,11 @@ def main() -> int:
     result["prepare_s"] = round(time.perf_counter() - t0, 1)
     save()
     cache = a.cache or a.work / "cache"
+    # the epochs as steps (one process), so that the config's lr decay (optim.decay_from) ends with the run
+    max_steps = a.epochs * ((a.limit or 60000) // a.batch_size)
     sets = [f'runs_dir="{a.work / "runs"}"', f'data.shards="{a.work / "fashion"}"',
             f'eval.reference="{a.work / "fashion-test"}"', f'eval.cache_dir="{cache}"', f"data.workers={a.workers}",
-            f"train.batch_size={a.batch_size}", f"train.max_epochs={a.epochs}", "train.max_steps=1000000",
+            f"train.batch_size={a.batch_size}", f"train.max_epochs={a.epochs}", f"train.max_steps={max_steps}",
             f'train.precision="{a.precision}"', 'log.wandb="disabled"', "log.progress_bar=false", "eval.every=0",
             "checkpoint.every=1000000"]
     if a.cache_only:
