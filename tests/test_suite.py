@@ -37,3 +37,15 @@ def test_the_readme_test_command_is_the_one_ci_runs():
                        re.M)
     ci = re.search(r"^\.venv/bin/(python -m pytest -q[^\n]*)$", (ROOT / ".ci" / "run").read_text(), re.M)
     assert readme and ci and readme.group(1) == ci.group(1)
+
+
+def test_every_local_link_and_image_in_the_docs_exists():
+    """README.md and docs/*.md: each relative target of a Markdown link or image (``[..](path)``, ``![..](path)``)
+    is a file or folder of the repository, so a renamed grid or moved page shows up here."""
+    missing = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            path = target.split("#")[0]
+            if path and "://" not in path and not (page.parent / path).exists():
+                missing.append(f"{page.relative_to(ROOT)}: {target}")
+    assert missing == []
