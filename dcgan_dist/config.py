@@ -160,7 +160,8 @@ class Config:
 
 CHOICES = {
     "data.resolution": (32, 64, 128), "data.channels": (1, 3), "data.verify": ("size", "sha256", "none"),
-    "loss.kind": ("bce", "hinge", "lsgan"), "model.d_norm": ("batch", "spectral"), "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "loss.kind": ("bce", "hinge", "lsgan"), "model.d_norm": ("batch", "spectral"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "log.wandb": ("online", "offline", "disabled", "auto"), "eval.features": ("auto", "inception", "classifier"),
 }
 TRACKERS = ("wandb", "tensorboard")

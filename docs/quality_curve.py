@@ -62,8 +62,8 @@ def ours(a) -> None:
     run_dir = a.out / "run"
     sets = [f"runs_dir={json.dumps(str(a.out))}", 'name="run"', f"checkpoint.every={a.every}",
             f"checkpoint.milestone_every={a.every}", "eval.every=0", 'log.wandb="disabled"', *a.set]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", str(ROOT / "launch/train.py"),
-           "--config", str(a.config), *[x for s in sets for x in ("--set", s)]]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           str(ROOT / "launch/train.py"), "--config", str(a.config), *[x for s in sets for x in ("--set", s)]]
     t0 = time.time()
     with open(a.out / "train.log", "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
