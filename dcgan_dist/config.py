@@ -133,6 +133,9 @@ class EvalConfig:
     kid_subsets: int = 100
     kid_subset_size: int = 1000
     seed: int = 0                        # the latents of the generated set (the same every evaluation)
+    standing_stats: int = 16384          # the evaluated, sampled or exported generator's BatchNorm statistics are
+                                         # recomputed from this many latents first (BigGAN's standing statistics;
+                                         # 0: the running statistics training left, noisy: see docs/quality.md)
     native_resolution: int = 0           # also judge in the data's pixel space at this size (0: off): Frechet
                                          # distance, precision/recall (k=3), pixel-std ratio (eval/native.py)
 

@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         else:
             from dcgan_dist.models import load_generator
 
-            g, what, _ = load_generator(a.checkpoint, acc.device, a.raw)
+            g, what, _ = load_generator(a.checkpoint, acc.device, a.raw, standing=0)   # the Evaluator's, split
             result = {"checkpoint": str(a.checkpoint), "generator": what, **evaluator(g, a.n)}
         result["shards"] = str(shards)
     except UserError as e:
@@ -133,6 +133,9 @@ def _report(result: dict, which: str, native_res: int) -> None:
           f"{result['precision']:.3f}  recall {result['recall']:.3f}  ({which}, {result['n_fake']} images vs "
           f"{result['n_real']} of {result['reference']}, {result['eval_s']:.1f} s)")
     print(f"features: {result['features_description']}")
+    if "standing_stats" in result:
+        print(f"BatchNorm: standing statistics of {result['standing_stats']} latents" if result["standing_stats"]
+              else "BatchNorm: the running statistics training left (eval.standing_stats = 0)")
     if native_res:
         print(f"at the data's native {native_res}x{native_res} pixels: Frechet distance "
               f"{result[f'fd_pixels{native_res}']:.4f}, precision {result[f'precision_pixels{native_res}']:.3f}, "

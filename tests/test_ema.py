@@ -52,3 +52,34 @@ def test_grids_come_from_g_ema_and_the_raw_grid_is_optional(tiny, tmp_path):
     summary = train(load_config(tiny, [f'runs_dir="{tmp_path / "off"}"', "model.ema=false"]))
     assert summary["models"][2] is None
     assert not (tmp_path / "off" / "tiny" / "checkpoints" / "step_00000006" / "ema.safetensors").exists()
+
+
+def test_standing_statistics_are_the_mean_of_batch_statistics_of_fixed_latents():
+    from dcgan_dist.models import STANDING_SEED, standing_stats
+    torch.manual_seed(0)
+    g = Generator(latent=8, ngf=4, channels=1, resolution=32)
+    g.train()(torch.randn(16, 8))                                   # running statistics of one training batch
+    before = {k: v.clone() for k, v in g.state_dict().items()}
+    rng = torch.get_rng_state()
+    s = standing_stats(g, 600)                                      # 3 forwards: 256, 256 and 88 latents
+    assert torch.equal(torch.get_rng_state(), rng) and not s.training and s.standing_stats == 600
+    assert all(torch.equal(v, before[k]) for k, v in g.state_dict().items())      # g itself unchanged
+    z = torch.randn(600, 8, generator=torch.Generator().manual_seed(STANDING_SEED))
+    with torch.no_grad():
+        h = g.net[0](z.view(600, 8, 1, 1))                          # the first BatchNorm's input
+    chunks = h.split(256)
+    mean = torch.stack([c.mean((0, 2, 3)) for c in chunks]).mean(0)
+    var = torch.stack([c.transpose(0, 1).flatten(1).var(1) for c in chunks]).mean(0)
+    bn = s.net[1]
+    assert torch.allclose(bn.running_mean, mean, atol=1e-6) and torch.allclose(bn.running_var, var, rtol=1e-5)
+    assert bn.momentum == 0.1 and int(bn.num_batches_tracked) == 3
+    assert not torch.allclose(bn.running_mean, g.net[1].running_mean, atol=1e-3)
+    again = standing_stats(s, 600)                                  # a function of the weights alone
+    assert all(torch.equal(v, s.state_dict()[k]) for k, v in again.state_dict().items())
+    assert standing_stats(g, 0) is g
+    # dealt to 2 ranks (batches 0, 2 and batch 1) and added: the statistics of one process
+    sent = []
+    standing_stats(g, 600, rank=1, world=2, reduce_sum=lambda t: sent.append(t) or t)
+    two = standing_stats(g, 600, rank=0, world=2, reduce_sum=lambda t: t + sent.pop(0))
+    for k, v in s.state_dict().items():
+        assert torch.allclose(v.float(), two.state_dict()[k].float(), rtol=1e-6, atol=1e-7), k

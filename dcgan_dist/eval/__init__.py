@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..models import standing_stats
 from ..rng import isolated_rng
 from .features import DigitClassifier, build_extractor, cache_dir
 from .metrics import Dist, fid_kid, generated_features, image_features, reference
@@ -58,12 +59,17 @@ class Evaluator:
     @isolated_rng()
     def __call__(self, generator: nn.Module, n: int | None = None) -> dict:
         """The measures of ``n`` (default ``eval.n``) images of ``generator``: a dict with fid, kid, kid_std,
-        precision, recall, the counts, the features' key and description, and the seconds it took."""
+        precision, recall, the counts, the features' key and description, and the seconds it took. Measured with
+        standing BatchNorm statistics from ``eval.standing_stats`` latents (models.standing_stats, on a copy)
+        unless the generator already has them."""
         n = n or self.cfg.n
         t0 = time.perf_counter()
+        if getattr(generator, "standing_stats", 0) != self.cfg.standing_stats:
+            d = self.dist
+            generator = standing_stats(generator, self.cfg.standing_stats, d.rank, d.world, d.reduce_sum)
         fake, *native = generated_features(generator, [self.extractor, *([self.native] if self.native else [])], n,
                                            self.cfg.seed, self.dist, self.cfg.batch_size)
-        return self._measures(fake, native[0] if native else None, n, t0)
+        return {**self._measures(fake, native[0] if native else None, n, t0), "standing_stats": self.cfg.standing_stats}
 
     @isolated_rng()
     def images(self, images: torch.Tensor) -> dict:
