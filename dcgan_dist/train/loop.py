@@ -381,7 +381,7 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
     sums: dict[str, torch.Tensor] = {}
     nonfinite = torch.zeros((), dtype=torch.bool, device=acc.device)
     t_last, steps_since = time.perf_counter(), 0
-    unwrapped_g = acc.unwrap_model(nets.G)
+    unwrapped_g = acc.unwrap_model(nets.G, keep_torch_compile=False)    # eager G: grids, G_ema, standing stats
     images_per_step = cfg.train.batch_size * acc.num_processes
     inject = fault_injector(acc.process_index)     # tests: DCGAN_DIST_FAULT, else nothing
     batches = iter(loader)
