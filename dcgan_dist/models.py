@@ -114,8 +114,8 @@ def standing_stats(g: nn.Module, n: int, rank: int = 0, world: int = 1, reduce_s
     """A copy of generator ``g`` (with a ``latent`` attribute) in eval mode whose BatchNorm running means and
     variances are its own "standing statistics" (Brock et al. 2019, BigGAN, sec. 3.1; there of the EMA
     generator): the mean, over ceil(n / STANDING_BATCH) training-mode forwards of N(0, 1) latents drawn on the CPU
-    from STANDING_SEED, of each batch's mean and unbiased variance per channel (torch's BatchNorm with
-    ``momentum=None``). ``g`` is not changed; ``n`` = 0 returns it as it is.
+    from STANDING_SEED, of each batch's mean and unbiased variance per channel (what torch's BatchNorm with
+    ``momentum=None`` accumulates). ``g`` is not changed; ``n`` = 0 returns it as it is.
 
     Why: running statistics that training leaves (momentum 0.1, ~10 recent batches) belong to G's weights of the
     last steps, not to G_ema's, and are noisy: on Fashion-MNIST one checkpoint's FID read 0.234 with them and
@@ -129,6 +129,7 @@ def standing_stats(g: nn.Module, n: int, rank: int = 0, world: int = 1, reduce_s
         return g
     g = _plain_batchnorm(copy.deepcopy(g))
     bns = [m for m in g.modules() if isinstance(m, nn.BatchNorm2d)]
+    momenta = [m.momentum for m in bns]
     device = next(g.parameters()).device
     sizes = [min(STANDING_BATCH, n - start) for start in range(0, n, STANDING_BATCH)]
     gen = torch.Generator().manual_seed(STANDING_SEED)
@@ -146,11 +147,11 @@ def standing_stats(g: nn.Module, n: int, rank: int = 0, world: int = 1, reduce_s
             total += torch.stack([m.running_mean, m.running_var]).double()
     if world > 1:
         sums = [reduce_sum(t) for t in sums]
-    for total, m in zip(sums, bns):
+    for total, m, momentum in zip(sums, bns, momenta):
         m.running_mean.copy_(total[0] / len(sizes))
         m.running_var.copy_(total[1] / len(sizes))
         m.num_batches_tracked.fill_(len(sizes))
-        m.momentum = 0.1
+        m.momentum = momentum
     g.standing_stats = n
     return g.eval()
 
