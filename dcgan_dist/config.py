@@ -177,7 +177,7 @@ UNIT_INTERVAL = {"loss.real_label", "loss.flip_prob", "optim.beta1", "optim.beta
 # Upper bounds far above any real use, so an absurd value is a clear error rather than a failed allocation.
 AT_MOST = {"model.latent": 16384, "model.ngf": 4096, "model.ndf": 4096, "train.batch_size": 1 << 16,
            "log.n_samples": 1024, "loss.d_steps": 100, "data.workers": 256, "train.seed": 2**63 - 1,
-           "eval.seed": 2**31 - 1, "eval.n": 10**7}
+           "eval.seed": 2**31 - 1, "eval.n": 10**7, "eval.standing_stats": 10**7}
 
 
 def _all_keys(cls=Config, prefix="") -> dict[str, type]:
@@ -286,7 +286,7 @@ def validate(cfg: Config) -> None:
             raise UserError(f"{key} = {flat[key]!r}: must be between 0 and 1")
     for key in ("data.workers", "train.max_epochs", "loss.instance_noise", "loss.instance_noise_steps",
                 "checkpoint.milestone_every", "train.seed", "eval.every", "eval.seed", "data.cache_gb",
-                "data.batch_timeout_s"):
+                "data.batch_timeout_s", "eval.standing_stats"):
         if flat[key] < 0:
             raise UserError(f"{key} = {flat[key]!r}: must be >= 0")
     try:

@@ -213,6 +213,7 @@ def test_auto_precision_runs_fp32_on_a_cpu_logs_it_and_resumes_an_fp32_checkpoin
     ("name='..'", "name = '..': must be a folder name (not . or .., no / or \\)"),
     ("name='.'", "name = '.': must be a folder name"),
     ("model.latent=100000000", "model.latent = 100000000: must be <= 16384"),
+    ("eval.standing_stats=-1", "eval.standing_stats = -1: must be >= 0"),
 ])
 def test_config_mistakes_name_the_key(override, message):
     with pytest.raises(UserError) as e:
