@@ -32,7 +32,7 @@ SETTINGS = [f"train.max_steps={STEPS}", "train.sync_every=1", "checkpoint.every=
             "log.sample_every=50", "data.workers=1", "train.batch_size=32", "model.ngf=16", "model.ndf=16",
             'log.wandb="offline"', 'log.trackers=["wandb"]', "log.raw_grid=true", "eval.every=100", "eval.n=64",
             "eval.batch_size=32", "eval.kid_subset_size=32", "eval.kid_subsets=2", "eval.native_resolution=8",
-            "optim.decay_from=0.5", "eval.standing_stats=1024"]     # standing statistics, cheaply
+            "optim.decay_from=0.5"]
 
 
 @pytest.fixture(scope="module", autouse=True)
