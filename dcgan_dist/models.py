@@ -121,7 +121,7 @@ def standing_stats(g: nn.Module, n: int, rank: int = 0, world: int = 1, reduce_s
     last steps, not to G_ema's, and are noisy: on Fashion-MNIST one checkpoint's FID read 0.234 with them and
     0.147 with these; with 2,048 latents three seeds read 0.204 to 0.251, with 16,384 two read 0.235 and 0.242,
     with 65,536 0.231 (docs/quality.md). With ``world`` > 1 the batches are dealt to the ranks (batch b to rank
-    b % world) and ``reduce_sum`` (a collective: every rank calls it) adds their sums, so each rank gets the
+    b % world) and ``reduce_sum`` (a collective: every rank calls it once) adds their sums, so each rank gets the
     same statistics in 1 / world of the time. Draws nothing from the global random generators."""
     import copy
 
@@ -133,7 +133,8 @@ def standing_stats(g: nn.Module, n: int, rank: int = 0, world: int = 1, reduce_s
     device = next(g.parameters()).device
     sizes = [min(STANDING_BATCH, n - start) for start in range(0, n, STANDING_BATCH)]
     gen = torch.Generator().manual_seed(STANDING_SEED)
-    sums = [torch.zeros(2, m.num_features, dtype=torch.float64, device=device) for m in bns]
+    widths = [m.num_features for m in bns]
+    flat = torch.zeros(2, sum(widths), dtype=torch.float64, device=device)   # every layer's sums: one collective
     g.train()
     for b, size in enumerate(sizes):
         z = torch.randn(size, g.latent, generator=gen)      # every rank draws every batch's latents: same stream
@@ -143,11 +144,11 @@ def standing_stats(g: nn.Module, n: int, rank: int = 0, world: int = 1, reduce_s
             m.reset_running_stats()
             m.momentum = 1.0                                # running = this batch's statistics
         g(z.to(device))
-        for total, m in zip(sums, bns):
+        for total, m in zip(flat.split(widths, dim=1), bns):              # views into flat
             total += torch.stack([m.running_mean, m.running_var]).double()
     if world > 1:
-        sums = [reduce_sum(t) for t in sums]
-    for total, m, momentum in zip(sums, bns, momenta):
+        flat = reduce_sum(flat)
+    for total, m, momentum in zip(flat.split(widths, dim=1), bns, momenta):
         m.running_mean.copy_(total[0] / len(sizes))
         m.running_var.copy_(total[1] / len(sizes))
         m.num_batches_tracked.fill_(len(sizes))

@@ -80,6 +80,7 @@ def test_standing_statistics_are_the_mean_of_batch_statistics_of_fixed_latents()
     # dealt to 2 ranks (batches 0, 2 and batch 1) and added: the statistics of one process
     sent = []
     standing_stats(g, 600, rank=1, world=2, reduce_sum=lambda t: sent.append(t) or t)
+    assert len(sent) == 1                                           # every layer's sums in one collective
     two = standing_stats(g, 600, rank=0, world=2, reduce_sum=lambda t: t + sent.pop(0))
     for k, v in s.state_dict().items():
         assert torch.allclose(v.float(), two.state_dict()[k].float(), rtol=1e-6, atol=1e-7), k
