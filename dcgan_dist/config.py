@@ -63,6 +63,8 @@ class LossConfig:
     augment: str = ""                    # DiffAugment of every image D sees (real and generated), e.g.
                                          # "translation,cutout" or "color,translation,cutout" ("": off);
                                          # against a D that memorises a small dataset (dcgan_dist/augment.py)
+    r1_gamma: float = 0.0                # R1 penalty gamma/2 E||grad_x D(x)||^2 on D's real inputs (0: off)
+    r1_every: int = 16                   # ... lazily: every N steps, weighted by N (StyleGAN2's regularisation)
 
 
 @dataclass
@@ -168,7 +170,7 @@ CHOICES = {
     "log.wandb": ("online", "offline", "disabled", "auto"), "eval.features": ("auto", "inception", "classifier"),
 }
 TRACKERS = ("wandb", "tensorboard")
-POSITIVE = {"model.latent", "model.ngf", "model.ndf", "loss.d_steps", "train.batch_size", "train.max_steps",
+POSITIVE = {"model.latent", "model.ngf", "model.ndf", "loss.d_steps", "loss.r1_every", "train.batch_size", "train.max_steps",
             "log.every", "log.sample_every", "log.n_samples", "checkpoint.every", "checkpoint.keep",
             "optim.lr_g", "optim.lr_d", "train.fp16_init_scale", "data.shuffle_window", "train.sync_every",
             "model.ema_kimg", "eval.n", "eval.batch_size", "eval.kid_subsets", "eval.kid_subset_size",
@@ -176,7 +178,7 @@ POSITIVE = {"model.latent", "model.ngf", "model.ndf", "loss.d_steps", "train.bat
 UNIT_INTERVAL = {"loss.real_label", "loss.flip_prob", "optim.beta1", "optim.beta2", "model.ema_rampup"}
 # Upper bounds far above any real use, so an absurd value is a clear error rather than a failed allocation.
 AT_MOST = {"model.latent": 16384, "model.ngf": 4096, "model.ndf": 4096, "train.batch_size": 1 << 16,
-           "log.n_samples": 1024, "loss.d_steps": 100, "data.workers": 256, "train.seed": 2**63 - 1,
+           "log.n_samples": 1024, "loss.d_steps": 100, "loss.r1_every": 10**6, "data.workers": 256, "train.seed": 2**63 - 1,
            "eval.seed": 2**31 - 1, "eval.n": 10**7, "eval.standing_stats": 10**7}
 
 
@@ -286,7 +288,7 @@ def validate(cfg: Config) -> None:
             raise UserError(f"{key} = {flat[key]!r}: must be between 0 and 1")
     for key in ("data.workers", "train.max_epochs", "loss.instance_noise", "loss.instance_noise_steps",
                 "checkpoint.milestone_every", "train.seed", "eval.every", "eval.seed", "data.cache_gb",
-                "data.batch_timeout_s", "eval.standing_stats"):
+                "data.batch_timeout_s", "eval.standing_stats", "loss.r1_gamma"):
         if flat[key] < 0:
             raise UserError(f"{key} = {flat[key]!r}: must be >= 0")
     try:

@@ -40,8 +40,10 @@ def test_two_ranks_hold_bitwise_equal_weights_and_runs_reproduce(tiny, tmp_path,
     b = launch("train", tmp_path / "b", tiny, f'runs_dir="{runs}"', 'name="b"')
     assert b[0]["params"] == a[0]["params"]                        # same seed, same world size: same weights
     c = launch("train", tmp_path / "c", tiny, f'runs_dir="{runs}"', 'name="c"', "train.seed=1", "eval.every=3",
-               "eval.n=64", "eval.batch_size=32", "eval.kid_subset_size=32", f'eval.cache_dir="{classifier_cache}"')
+               "eval.n=64", "eval.batch_size=32", "eval.kid_subset_size=32", f'eval.cache_dir="{classifier_cache}"',
+               "loss.r1_gamma=1.0", "loss.r1_every=2")
     assert c[0]["params"] != a[0]["params"]
+    assert c[0]["params"] == c[1]["params"]        # the R1 penalty's double backward stays in sync under DDP
     # gloo's threads ended with the process group (with and without evaluation: torchmetrics imports torch._dynamo)
     assert [r["gloo_threads"] for r in a + c] == [[]] * 4
 
@@ -214,6 +216,8 @@ def test_auto_precision_runs_fp32_on_a_cpu_logs_it_and_resumes_an_fp32_checkpoin
     ("name='.'", "name = '.': must be a folder name"),
     ("model.latent=100000000", "model.latent = 100000000: must be <= 16384"),
     ("eval.standing_stats=-1", "eval.standing_stats = -1: must be >= 0"),
+    ("loss.r1_gamma=-0.1", "loss.r1_gamma = -0.1: must be >= 0"),
+    ("loss.r1_every=0", "loss.r1_every = 0: must be > 0"),
 ])
 def test_config_mistakes_name_the_key(override, message):
     with pytest.raises(UserError) as e:
@@ -379,10 +383,26 @@ def test_diff_augment_shifts_and_cuts_each_image_and_passes_gradients():
     assert torch.equal(diff_augment(x, ""), x)
 
 
+def test_r1_penalty_of_a_linear_d_is_its_squared_weight_norm_and_trains_through():
+    """D(x) = <w, x>: grad_x D = w for every image, so the penalty is ||w||^2 and its gradient 2w; under fp16
+    loss scaling (a power of two) the unscaled gradient, and so the penalty, are the same to the bit."""
+    from dcgan_dist.train.step import r1_penalty
+    w = torch.randn(1, 2, 3, 3, requires_grad=True)
+    x = torch.randn(5, 2, 3, 3, requires_grad=True)
+    for scaler in (torch.amp.GradScaler("cpu", enabled=False), torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)):
+        w.grad = None
+        p = r1_penalty((x * w).flatten(1).sum(1), x, scaler)
+        assert p.dtype == torch.float32 and p.shape == ()
+        assert torch.equal(p, (w.detach().float() ** 2).sum())
+        p.backward()
+        assert torch.allclose(w.grad, 2 * w.detach(), rtol=1e-6, atol=0)
+
+
 def test_tricks_train_and_instance_noise_anneals(tiny, tmp_path):
     cfg = load_config(tiny, [f'runs_dir="{tmp_path}"', 'loss.kind="hinge"', "loss.real_label=0.9", "loss.flip_prob=0.1",
                              "loss.instance_noise=0.2", "loss.instance_noise_steps=4", "loss.d_steps=2",
-                             'loss.augment="color,translation,cutout"', "log.every=1"])
+                             'loss.augment="color,translation,cutout"', "loss.r1_gamma=0.5", "loss.r1_every=3",
+                             "log.every=1"])
     summary = train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
     assert [r["instance_noise"] for r in rows] == pytest.approx([0.2, 0.15, 0.1, 0.05, 0.0, 0.0])

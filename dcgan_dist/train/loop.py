@@ -397,7 +397,8 @@ def _loop(acc: Accelerator, cfg: Config, nets: Nets, state: TrainState, loader: 
                                            cfg, noise_std)
         real = to_device(next(batches)[0], acc.device, cfg.train.channels_last)
         real = inject(real, state.step + 1)
-        out = gan_step(acc, nets, real, cfg, noise_std)
+        r1 = cfg.loss.r1_gamma * cfg.loss.r1_every if state.step % cfg.loss.r1_every == 0 else 0.0
+        out = gan_step(acc, nets, real, cfg, noise_std, r1)
         state.step += 1
         if stop.orphaned():         # no agreement is possible without the launcher (it holds the rendezvous)
             raise LauncherGone(f"rank {acc.process_index}: the launcher (pid {stop.parent}) is gone; stopped after "

@@ -130,10 +130,24 @@ def _d_input(x: torch.Tensor, cfg, noise_std: float) -> torch.Tensor:
     return x + noise_std * torch.randn_like(x) if noise_std > 0 else x
 
 
-def gan_step(acc, nets: Nets, real: torch.Tensor, cfg, noise_std: float) -> dict:
+def r1_penalty(logits_real: torch.Tensor, x: torch.Tensor, scaler: torch.amp.GradScaler) -> torch.Tensor:
+    """E_x ||grad_x D(x)||^2 (float32, 0-dim) over the batch: the R1 penalty of Mescheder et al. 2018, "Which
+    Training Methods for GANs do actually Converge?", before its gamma / 2. ``logits_real``: D's logits (B,) of
+    ``x`` (B x C x H x W, requires grad). The gradient keeps its graph (the penalty is trained through); under
+    fp16 it is taken of the scaled logits and unscaled, as PyTorch's AMP recipe for gradient penalties does."""
+    (grad,) = torch.autograd.grad(scaler.scale(logits_real.float().sum()), x, create_graph=True)
+    grad = grad.float()
+    if scaler.is_enabled():
+        grad = grad / scaler._scale
+    return grad.square().flatten(1).sum(1).mean()
+
+
+def gan_step(acc, nets: Nets, real: torch.Tensor, cfg, noise_std: float, r1_weight: float = 0.0) -> dict:
     """D update on (real, G(z)), then G update through D. ``real``: B x C x H x W float in [-1, 1] on the
-    device. Returns 0-dim tensors on the device (losses, mean D(x) and D(G(z)), skip flags): nothing in the
-    step reads a value back to the host; the caller does that at its sync points."""
+    device. ``r1_weight`` > 0 adds r1_weight / 2 x the R1 penalty on D's real inputs to D's loss (the caller
+    passes gamma x r1_every on the steps that regularise). Returns 0-dim tensors on the device (losses, mean D(x)
+    and D(G(z)), skip flags): nothing in the step reads a value back to the host; the caller does that at its
+    sync points."""
     dev, prec, kind = real.device, nets.precision, cfg.loss.kind
     n = real.shape[0]
     z = torch.randn(n, cfg.model.latent, device=dev)
@@ -141,12 +155,16 @@ def gan_step(acc, nets: Nets, real: torch.Tensor, cfg, noise_std: float) -> dict
     # --- D step: D's gradients are all-reduced here, once, by the backward.
     with autocast(prec, dev.type):
         fake = nets.G(z)        # kept with its graph: the G step reuses it (one G forward per step)
-        logits_real = nets.D(_d_input(real, cfg, noise_std))
+        real_in = _d_input(real, cfg, noise_std)
+        if r1_weight:
+            real_in = real_in.detach().requires_grad_(True)
+        logits_real = nets.D(real_in)
         logits_fake = nets.D(_d_input(fake.detach(), cfg, noise_std))
         t_real, t_fake = d_targets(n, cfg.loss.real_label, cfg.loss.flip_prob, dev)
         loss_d = d_loss(kind, logits_real, logits_fake, t_real, t_fake)
+        penalty = r1_weight / 2 * r1_penalty(logits_real, real_in, nets.scaler_d) if r1_weight else 0.0
     nets.opt_d.zero_grad(set_to_none=True)
-    skipped_d = _apply(nets.scaler_d, loss_d, nets.opt_d)
+    skipped_d = _apply(nets.scaler_d, loss_d + penalty, nets.opt_d)      # loss_d is logged without the penalty
 
     # --- G step: through D without its gradient sync or weight gradients; only G's grads all-reduce.
     with frozen(acc, nets.D), autocast(prec, dev.type):
