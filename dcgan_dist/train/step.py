@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,10 @@ from ..losses import d_loss, d_targets, g_loss
 from .ema import EMA
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# The R1 penalty's double backward leaves D's conv weight gradients in another memory layout than DDP's bucket
+# views (channels_last); DDP copies them on those steps and warns: harmless (pytorch/pytorch#70222), not repeated.
+warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
 
 @dataclass
