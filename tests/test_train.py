@@ -150,6 +150,18 @@ def test_fp16_skips_in_extra_d_steps_are_counted(tiny, tmp_path):
     assert summary["skipped_d"] == rows[-1]["skipped_d"]
 
 
+def test_r1_steps_train_in_fp16(tiny, tmp_path):
+    """BatchNorm's double backward returns NaN in fp16: without the fp32 forward of D on the reals on R1 steps
+    every D step of this run is skipped, at any loss scale ([1, 2, 3, 4]); with it none is (a scale low enough
+    that no step overflows otherwise)."""
+    cfg = load_config(tiny, [f'runs_dir="{tmp_path}"', 'train.precision="fp16"', "train.fp16_init_scale=1024",
+                             "loss.r1_gamma=0.1", "loss.r1_every=1", "train.max_steps=4", "log.every=1", "log.sample_every=4"])
+    summary = train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_d"] for r in rows] == [0, 0, 0, 0] and summary["skipped_d"] == 0
+    assert all(np.isfinite(r["loss_d"]) for r in rows)
+
+
 def test_bf16_trains_and_resume_auto_continues_from_the_checkpoint(tiny, tmp_path):
     cfg = load_config(tiny, [f'runs_dir="{tmp_path}"', 'train.precision="bf16"', "checkpoint.every=3"])
     assert train(cfg)["step"] == 6
