@@ -164,8 +164,9 @@ def gan_step(acc, nets: Nets, real: torch.Tensor, cfg, noise_std: float, r1_weig
         if r1_weight:
             real_in = real_in.detach().requires_grad_(True)
         # BatchNorm's double backward returned NaN in fp16 (on the CPU; its sums run in the input's dtype), so
-        # the regularised steps run D on the reals in fp32 under any autocast (1 step in loss.r1_every).
-        with torch.autocast(dev.type, enabled=not r1_weight):
+        # the regularised steps run D on the reals in fp32 under any autocast (1 step in loss.r1_every). Only
+        # ever disable here: torch.autocast(enabled=True) without a dtype would turn on bf16 on the CPU.
+        with torch.autocast(dev.type, enabled=False) if r1_weight else contextlib.nullcontext():
             logits_real = nets.D(real_in)
         logits_fake = nets.D(_d_input(fake.detach(), cfg, noise_std))
         t_real, t_fake = d_targets(n, cfg.loss.real_label, cfg.loss.flip_prob, dev)
