@@ -150,6 +150,30 @@ def test_fp16_skips_in_extra_d_steps_are_counted(tiny, tmp_path):
     assert summary["skipped_d"] == rows[-1]["skipped_d"]
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_r1_and_plain_steps_run_d_in_the_configured_dtype(tiny, tmp_path, precision):
+    """D's convolutions output float32 in fp32 runs on every step; in bf16 runs bfloat16, except D's forward on
+    the reals of an R1 step (float32, see gan_step). One step each, in process, without DDP."""
+    from accelerate import Accelerator
+
+    from dcgan_dist.models import build_models
+    from dcgan_dist.train.step import Nets, gan_step, make_optimizers, make_scalers
+
+    cfg = load_config(tiny, [f'train.precision="{precision}"'])
+    g, d = build_models(cfg)
+    nets = Nets(g, d, *make_optimizers(g, d, cfg.optim, cuda=False), *make_scalers(precision, "cpu", 1.0),
+                precision=precision)
+    seen = []
+    d.net[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))     # D's first conv, every forward
+    real = torch.rand(16, 1, 32, 32) * 2 - 1
+    low = torch.float32 if precision == "fp32" else torch.bfloat16
+    gan_step(Accelerator(cpu=True), nets, real, cfg, 0.0)
+    assert seen == [low] * 3                                   # reals, fakes (D step), fakes (G step)
+    seen.clear()
+    gan_step(Accelerator(cpu=True), nets, real, cfg, 0.0, r1_weight=1.0)
+    assert seen == [torch.float32, low, low]
+
+
 def test_r1_steps_train_in_fp16(tiny, tmp_path):
     """BatchNorm's double backward returns NaN in fp16: without the fp32 forward of D on the reals on R1 steps
     every D step of this run is skipped, at any loss scale ([1, 2, 3, 4]); with it none is (a scale low enough
