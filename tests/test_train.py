@@ -174,6 +174,23 @@ def test_r1_and_plain_steps_run_d_in_the_configured_dtype(tiny, tmp_path, precis
     assert seen == [torch.float32, low, low]
 
 
+def test_d_gradient_reports_d_on_real_images(tiny, tmp_path):
+    """docs/d_gradient.py (quality.md's measure of D's steepness) on a checkpoint: one row, finite, positive norms."""
+    import subprocess
+    import sys
+
+    train(load_config(tiny, [f'runs_dir="{tmp_path}"', "train.max_steps=2", "log.sample_every=2"]))
+    ckpt = tmp_path / "tiny" / "checkpoints" / "step_00000002"
+    shards = load_config(tiny).data.shards
+    out = subprocess.run([sys.executable, "docs/d_gradient.py", str(ckpt), "--test", shards, "--n", "40"],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True).stdout
+    row = out.strip().splitlines()[-1].split("|")
+    assert row[1].strip() == str(ckpt)
+    logit_train, logit_test, norm_train, norm_test = map(float, row[2:6])
+    assert logit_train == logit_test                   # the same images (both the training shards here)
+    assert norm_train == norm_test and norm_train > 0
+
+
 def test_r1_steps_train_in_fp16(tiny, tmp_path):
     """BatchNorm's double backward returns NaN in fp16: without the fp32 forward of D on the reals on R1 steps
     every D step of this run is skipped, at any loss scale ([1, 2, 3, 4]); with it none is (a scale low enough
