@@ -170,16 +170,16 @@ CHOICES = {
     "log.wandb": ("online", "offline", "disabled", "auto"), "eval.features": ("auto", "inception", "classifier"),
 }
 TRACKERS = ("wandb", "tensorboard")
-POSITIVE = {"model.latent", "model.ngf", "model.ndf", "loss.d_steps", "loss.r1_every", "train.batch_size", "train.max_steps",
-            "log.every", "log.sample_every", "log.n_samples", "checkpoint.every", "checkpoint.keep",
+POSITIVE = {"model.latent", "model.ngf", "model.ndf", "loss.d_steps", "loss.r1_every", "train.batch_size",
+            "train.max_steps", "log.every", "log.sample_every", "log.n_samples", "checkpoint.every", "checkpoint.keep",
             "optim.lr_g", "optim.lr_d", "train.fp16_init_scale", "data.shuffle_window", "train.sync_every",
             "model.ema_kimg", "eval.n", "eval.batch_size", "eval.kid_subsets", "eval.kid_subset_size",
             "data.timeout_s", "data.deadline_s", "train.dist_timeout_s"}
 UNIT_INTERVAL = {"loss.real_label", "loss.flip_prob", "optim.beta1", "optim.beta2", "model.ema_rampup"}
 # Upper bounds far above any real use, so an absurd value is a clear error rather than a failed allocation.
 AT_MOST = {"model.latent": 16384, "model.ngf": 4096, "model.ndf": 4096, "train.batch_size": 1 << 16,
-           "log.n_samples": 1024, "loss.d_steps": 100, "loss.r1_every": 10**6, "data.workers": 256, "train.seed": 2**63 - 1,
-           "eval.seed": 2**31 - 1, "eval.n": 10**7, "eval.standing_stats": 10**7}
+           "log.n_samples": 1024, "loss.d_steps": 100, "loss.r1_every": 10**6, "data.workers": 256,
+           "train.seed": 2**63 - 1, "eval.seed": 2**31 - 1, "eval.n": 10**7, "eval.standing_stats": 10**7}
 
 
 def _all_keys(cls=Config, prefix="") -> dict[str, type]:
