@@ -77,6 +77,9 @@ every = 4
 sample_every = 8
 wandb = "disabled"
 progress_bar = false
+[loss]
+r1_gamma = 0.05
+r1_every = 16
 [checkpoint]
 every = 100
 [eval]
@@ -250,8 +253,9 @@ def test_the_protocol_tells_the_floor_one_class_and_shuffled_pixels_apart(fashio
 
 
 def test_two_processes_on_the_real_shards_resume_exactly(fashion, tmp_path):
-    """2 ranks, EMA and evaluation against the test split on: 12 steps, then on to 24 from that checkpoint, ends
-    bitwise where 24 steps in one go end (G, D, G_ema), with the same FIDs and precisions."""
+    """2 ranks, EMA, evaluation against the test split and the recipe's R1 penalty on (steps 1 and 17: one in the
+    resumed half): 12 steps, then on to 24 from that checkpoint, ends bitwise where 24 steps in one go end (G, D,
+    G_ema), with the same FIDs and precisions."""
     root, cfg = fashion
 
     def run(name, steps):
