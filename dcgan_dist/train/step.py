@@ -135,16 +135,13 @@ def _d_input(x: torch.Tensor, cfg, noise_std: float) -> torch.Tensor:
     return x + noise_std * torch.randn_like(x) if noise_std > 0 else x
 
 
-def r1_penalty(logits_real: torch.Tensor, x: torch.Tensor, scaler: torch.amp.GradScaler) -> torch.Tensor:
+def r1_penalty(logits_real: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """E_x ||grad_x D(x)||^2 (float32, 0-dim) over the batch: the R1 penalty of Mescheder et al. 2018, "Which
     Training Methods for GANs do actually Converge?", before its gamma / 2. ``logits_real``: D's logits (B,) of
-    ``x`` (B x C x H x W, requires grad). The gradient keeps its graph (the penalty is trained through); under
-    fp16 it is taken of the scaled logits and unscaled, as PyTorch's AMP recipe for gradient penalties does."""
-    (grad,) = torch.autograd.grad(scaler.scale(logits_real.float().sum()), x, create_graph=True)
-    grad = grad.float()
-    if scaler.is_enabled():
-        grad = grad / scaler._scale
-    return grad.square().flatten(1).sum(1).mean()
+    ``x`` (B x C x H x W, requires grad), from a float32 forward (gan_step runs it outside autocast), so the
+    gradient needs no loss scaling. It keeps its graph: the penalty is trained through."""
+    (grad,) = torch.autograd.grad(logits_real.float().sum(), x, create_graph=True)
+    return grad.float().square().flatten(1).sum(1).mean()
 
 
 def gan_step(acc, nets: Nets, real: torch.Tensor, cfg, noise_std: float, r1_weight: float = 0.0) -> dict:
@@ -171,7 +168,7 @@ def gan_step(acc, nets: Nets, real: torch.Tensor, cfg, noise_std: float, r1_weig
         logits_fake = nets.D(_d_input(fake.detach(), cfg, noise_std))
         t_real, t_fake = d_targets(n, cfg.loss.real_label, cfg.loss.flip_prob, dev)
         loss_d = d_loss(kind, logits_real, logits_fake, t_real, t_fake)
-        penalty = r1_weight / 2 * r1_penalty(logits_real, real_in, nets.scaler_d) if r1_weight else 0.0
+        penalty = r1_weight / 2 * r1_penalty(logits_real, real_in) if r1_weight else 0.0
     nets.opt_d.zero_grad(set_to_none=True)
     skipped_d = _apply(nets.scaler_d, loss_d + penalty, nets.opt_d)      # loss_d is logged without the penalty
 
